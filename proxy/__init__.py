@@ -1,0 +1,1 @@
+"""guardproxy proxy package."""

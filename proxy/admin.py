@@ -1,0 +1,98 @@
+"""Admin routes (admin key only): policy reload and human approvals."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.body import read_raw
+from proxy.errors import ProxyError, envelope
+from proxy.stores import StoreUnavailable
+
+if TYPE_CHECKING:
+    from proxy.state import AppState
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+def _err(e: ProxyError) -> Response:
+    return Response(envelope(e), status_code=e.status, media_type="application/json")
+
+
+async def reload_policies(request: Request) -> Response:
+    st: AppState = request.app.state.gp
+    try:
+        st.keys.require_admin(request.headers.get("authorization"))
+    except ProxyError as e:
+        return _err(e)
+    ok, errors = await st.policies.reload()
+    current = st.policies.current
+    return _json({"reloaded": ok, "policy_revision": current.revision if current else None,
+                  "errors": [str(e) for e in errors]}, 200 if ok else 422)
+
+
+async def list_approvals(request: Request) -> Response:
+    st: AppState = request.app.state.gp
+    try:
+        st.keys.require_admin(request.headers.get("authorization"))
+        items = await st.store.approval_list(request.query_params.get("status"), now=time.time())
+    except ProxyError as e:
+        return _err(e)
+    except StoreUnavailable:
+        return _err(ProxyError("state_unavailable", "approval store unavailable"))
+    return _json({"object": "list", "data": [dataclasses.asdict(a) for a in items]})
+
+
+async def _decide(request: Request, approve: bool) -> Response:
+    st: AppState = request.app.state.gp
+    try:
+        st.keys.require_admin(request.headers.get("authorization"))
+        raw = await read_raw(request, 65536)
+        note = None
+        if raw.strip():
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ProxyError("invalid_json", "body must be JSON like {\"note\": \"...\"}") from None
+            note = doc.get("note") if isinstance(doc, dict) else None
+            if note is not None and not isinstance(note, str):
+                raise ProxyError("invalid_request", "note must be a string", param="note")
+        approval_id = request.path_params["approval_id"]
+        a = await st.store.approval_decide(approval_id, approve, note, "admin", now=time.time())
+    except ProxyError as e:
+        return _err(e)
+    except StoreUnavailable:
+        return _err(ProxyError("state_unavailable", "approval store unavailable"))
+    if a is None:
+        return _err(ProxyError("not_found", f"no approval {approval_id!r}"))
+    expected = "approved" if approve else "rejected"
+    if a.status != expected:
+        return _json({"error": {"message": f"approval is {a.status}, not pending", "type": "conflict_error",
+                                "code": "approval_not_pending", "param": None, "decision_id": None}}, 409)
+    st.telemetry.metrics.approval(expected)
+    if st.telemetry.audit is not None:
+        st.telemetry.audit.record({"event": "approval", "approval_id": a.id, "outcome": expected,
+                                   "rule_id": a.rule_id, "tool": a.tool, "principal": a.principal})
+    return _json(dataclasses.asdict(a))
+
+
+async def approve(request: Request) -> Response:
+    return await _decide(request, True)
+
+
+async def reject(request: Request) -> Response:
+    return await _decide(request, False)
+
+
+def admin_routes() -> list[tuple[str, Callable[..., Any], list[str]]]:
+    return [("/admin/reload", reload_policies, ["POST"]), ("/admin/approvals", list_approvals, ["GET"]),
+            ("/admin/approvals/{approval_id}/approve", approve, ["POST"]),
+            ("/admin/approvals/{approval_id}/reject", reject, ["POST"])]

@@ -1,0 +1,221 @@
+"""``POST /v1/chat/completions``: the request path.
+
+auth -> principal -> body (size, strict JSON, types) -> compiled policy for the
+principal -> request decision (strip, clamp, refuse) -> cost (price, ladder,
+reserve) -> upstream -> response decision (tool calls, schemas, output rules,
+repair) -> settle -> headers, metrics, trace, audit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.body import read_json_body, validate_chat_body
+from proxy.costing import conversation_id
+from proxy.errors import ProxyError
+from proxy.reqctx import RequestContext
+from proxy.respond import dumps, extract_calls, repair_body, resolve_calls, rewrite_message
+from rules.evaluate import evaluate_request
+from rules.evaluate_response import ResponseContext, evaluate_response
+
+if TYPE_CHECKING:
+    from proxy.state import AppState
+    from rules.effective import Effective
+
+CONVERSATION_HEADER = "x-guardproxy-conversation-id"
+
+
+async def chat_completions(request: Request) -> Response:
+    state: AppState = request.app.state.gp
+    try:
+        principal = state.keys.principal(request.headers.get("authorization"))
+    except ProxyError as err:
+        return state.error_response(err, None, route="/v1/chat/completions")
+    ctx = RequestContext(principal)
+    try:
+        return await _handle(state, request, ctx)
+    except ProxyError as err:
+        ctx.status, ctx.error_code = err.status, err.code
+        if err.code == "budget_exceeded":
+            state.telemetry.metrics.budget_refusal(str((err.extra.get("budget") or {}).get("scope", "")))
+        resp = state.error_response(err, ctx)
+        state.telemetry.finish(ctx, error=err)
+        return resp
+
+
+async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Response:
+    raw, body = await read_json_body(request, state.config.server.max_body_bytes)
+    validate_chat_body(body)
+    ctx.model_asked = ctx.model_used = body["model"]
+    ctx.stream = bool(body.get("stream"))
+    if state.config.route(body["model"]) is None:
+        raise ProxyError("model_not_found", f"The model {body['model']!r} does not exist on this proxy.",
+                         param="model")
+    policies = state.policies.current
+    if policies is None:
+        raise ProxyError("internal_error", "no policy set loaded")
+    eff = policies.for_principal(ctx.principal.key_id, ctx.principal.team)
+    ctx.revision = policies.revision
+    ctx.conversation = conversation_id(ctx.principal, body, request.headers.get(CONVERSATION_HEADER))
+    state.telemetry.begin(ctx, request.headers)
+    now = time.time()
+    idem = await state.idempotency.begin(request, raw, ctx, fail_open=eff.fail_open)
+    if idem.replay is not None:
+        return idem.replay
+    try:
+        decision = evaluate_request(eff, body, ctx.principal, now=now)
+        ctx.absorb(decision)
+        state.telemetry.request_decision(ctx, decision)
+        if decision.refusal is not None:
+            r = decision.refusal
+            raise ProxyError(r.code, f"{r.message} (rule {r.rule_id})", param=r.param)
+        body = decision.body if decision.body is not None else body
+        forward_raw: bytes | None = raw if not decision.changed else None
+        plan, costed = await state.cost.admit(eff.cost, ctx.principal, ctx.conversation, body["model"], body,
+                                              fail_open=eff.fail_open, now=now)
+        ctx.plan = plan
+        if costed is not body:
+            body, forward_raw = costed, None
+        if plan.downgraded_from:
+            ctx.model_used = plan.model
+            ctx.actions.append(f"downgraded:{plan.downgraded_from}->{plan.model}")
+            state.telemetry.metrics.downgrade(plan.downgraded_from, plan.model)
+        if plan.compressed:
+            ctx.actions.append(f"compressed:{plan.compressed[0]}->{plan.compressed[1]}")
+            state.telemetry.metrics.compression()
+        rctx = response_context(state, eff, ctx, body)
+        if ctx.stream:
+            from proxy.stream import stream_response
+
+            return await stream_response(state, ctx, eff, rctx, body, forward_raw, idem)
+        try:
+            resp = await _complete(state, ctx, eff, rctx, body, forward_raw)
+        except BaseException:
+            await state.cost.release(plan, now=time.time())
+            raise
+        await idem.complete(resp)
+        return resp
+    except BaseException:
+        await idem.abort()
+        raise
+
+
+def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
+    declared = {}
+    for t in body.get("tools") or ():
+        fn = t.get("function") if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("parameters"), dict) and isinstance(fn.get("name"), str):
+            if fn["name"] not in eff.tool_schemas:
+                declared[fn["name"]] = state.schema_cache.get(fn["parameters"])
+    for f in body.get("functions") or ():
+        if isinstance(f, dict) and isinstance(f.get("parameters"), dict) and isinstance(f.get("name"), str):
+            if f["name"] not in eff.tool_schemas:
+                declared[f["name"]] = state.schema_cache.get(f["parameters"])
+    response_schema = None
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema":
+        js = rf.get("json_schema")
+        if isinstance(js, dict) and isinstance(js.get("schema"), dict):
+            response_schema = state.schema_cache.get(js["schema"])
+    cfg = state.config.server
+    return ResponseContext(ctx.principal, str(body.get("model")), declared, response_schema,
+                           max_depth=cfg.json_max_depth, max_string=cfg.json_max_string)
+
+
+async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: ResponseContext,
+                    body: dict[str, Any], forward_raw: bytes | None) -> Response:
+    plan = ctx.plan
+    assert plan is not None
+    target = state.targets[plan.model]
+    attempt_body = body
+    repairs_left: int | None = None
+    while True:
+        data = await state.call_upstream(ctx, target, attempt_body, forward_raw)
+        ctx.add_usage(data.get("usage") if isinstance(data.get("usage"), dict) else None)
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ProxyError("upstream_error", "upstream response has no choices")
+        message = choices[0].get("message") or {}
+        decision = evaluate_response(eff, extract_calls(message), message.get("content"), rctx, now=time.time())
+        if repairs_left is None:
+            repairs_left = max([v.max_repairs for v in decision.calls if v.verdict == "invalid"
+                                and v.on_invalid == "repair"]
+                               + ([decision.output.max_repairs] if decision.output is not None
+                                  and decision.output.verdict == "invalid"
+                                  and decision.output.on_invalid == "repair" else []), default=0)
+        wants_repair = any(v.verdict == "invalid" and v.on_invalid == "repair" for v in decision.calls) or (
+            decision.output is not None and decision.output.verdict == "invalid"
+            and decision.output.on_invalid == "repair")
+        if wants_repair and repairs_left > 0 and len(choices) == 1:
+            repairs_left -= 1
+            ctx.repairs += 1
+            ctx.errors.extend(decision.errors)
+            for v in decision.calls:
+                if v.verdict == "invalid":
+                    ctx.actions.append(f"repair_requested:{v.call.name}")
+            if decision.output is not None and decision.output.verdict == "invalid":
+                ctx.actions.append("repair_requested:output")
+            attempt_body, forward_raw = repair_body(body, message, decision), None
+            state.telemetry.metrics.repair("attempted")
+            continue
+        if ctx.repairs:
+            outcome = "succeeded" if decision.effect != "deny" and not any(
+                v.verdict == "invalid" for v in decision.calls) else "exhausted"
+            state.telemetry.metrics.repair(outcome)
+            if outcome == "succeeded":
+                for v in decision.calls:
+                    ctx.actions.append(f"repaired:{v.call.name}")
+                if not decision.calls:
+                    ctx.actions.append("repaired:output")
+        break
+    ctx.absorb(decision)
+    state.telemetry.response_decision(ctx, decision)
+    await _apply(state, ctx, eff, decision, choices[0], message)
+    if len(choices) > 1:
+        for extra in choices[1:]:
+            if isinstance(extra, dict):
+                msg = extra.get("message") or {}
+                d = evaluate_response(eff, extract_calls(msg), msg.get("content"), rctx, now=time.time())
+                ctx.absorb(d)
+                await _apply(state, ctx, eff, d, extra, msg)
+    if ctx.usage:
+        data["usage"] = ctx.usage if ctx.repairs else data.get("usage", ctx.usage)
+    plan = ctx.plan
+    await state.cost.settle(plan, ctx.usage or None, now=time.time())
+    ctx.finish_reasons = [str(c.get("finish_reason")) for c in choices if isinstance(c, dict)]
+    resp = Response(dumps(data), media_type="application/json", headers=ctx.headers())
+    state.telemetry.finish(ctx)
+    return resp
+
+
+async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision: Any, choice: dict[str, Any],
+                 message: dict[str, Any]) -> None:
+    out = decision.output
+    if out is not None:
+        if out.verdict == "deny":
+            raise ProxyError("policy_denied", f"output blocked by rule {out.rule_id}: {out.reason}")
+        if out.verdict == "invalid":
+            if out.on_invalid == "escalate" and eff.escalate_to:
+                message["content"] = None
+                message["tool_calls"] = [{"id": "call_guardproxy_escalation", "type": "function", "function": {
+                    "name": eff.escalate_to, "arguments": dumps({"reason": "invalid output: " + "; ".join(
+                        out.errors), "original_tool": None, "original_arguments": None}).decode()}}]
+                choice["finish_reason"] = "tool_calls"
+                ctx.actions.append("escalated:output")
+            else:
+                raise ProxyError("schema_validation_failed", "model output failed schema validation: "
+                                 + "; ".join(out.errors[:10]), extra={"errors": list(out.errors[:50])})
+        elif out.verdict == "rewrite":
+            message["content"] = out.content
+    if decision.calls:
+        outcome = await resolve_calls(state.store, ctx, eff, decision.calls,
+                                      approval_ttl_s=state.config.approval_ttl_s, fail_open=eff.fail_open)
+        for name, result, _rule, _reason in ctx.tool_outcomes[-len(decision.calls):]:
+            state.telemetry.metrics.tool_call(name, result)
+        new_finish = rewrite_message(message, outcome)
+        if new_finish is not None:
+            choice["finish_reason"] = new_finish

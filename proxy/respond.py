@@ -1,0 +1,191 @@
+"""Applying a response decision: tool calls kept, removed, rewritten or held; content rewritten.
+
+Shared by the streaming and non-streaming paths. State the pure evaluator
+cannot read (approvals, once-per-conversation markers) is consulted here,
+after the decision, and written back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.reqctx import RequestContext
+from proxy.stores import Approval, Store, StoreUnavailable
+from rules.decision import CallVerdict, ResponseDecision, ToolCallIn
+from rules.effective import Effective
+from rules.evaluate_response import escalate_invalid
+
+
+def extract_calls(message: dict[str, Any]) -> list[ToolCallIn]:
+    """The tool calls of an assistant message (modern ``tool_calls`` or legacy ``function_call``)."""
+    out = []
+    for i, tc in enumerate(message.get("tool_calls") or ()):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict):
+            out.append(ToolCallIn(i, None, "", ""))
+            continue
+        name, args = fn.get("name"), fn.get("arguments")
+        out.append(ToolCallIn(i, tc.get("id"), name if isinstance(name, str) else "",
+                              args if isinstance(args, str) else ""))
+    fc = message.get("function_call")
+    if isinstance(fc, dict):
+        name, args = fc.get("name"), fc.get("arguments")
+        out.append(ToolCallIn(0, None, name if isinstance(name, str) else "",
+                              args if isinstance(args, str) else "", legacy=True))
+    return out
+
+
+@dataclass
+class Outcome:
+    """What survives of one assistant message's tool calls."""
+
+    kept: list[dict[str, Any]] = field(default_factory=list)  # {"index","id","name","arguments","legacy"}
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def blocked_everything(self) -> bool:
+        return not self.kept and bool(self.notes)
+
+
+def _kept(call: ToolCallIn, name: str, arguments: str) -> dict[str, Any]:
+    return {"index": call.index, "id": call.id, "name": name, "arguments": arguments, "legacy": call.legacy}
+
+
+async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdicts: tuple[CallVerdict, ...],
+                        *, approval_ttl_s: int, fail_open: bool) -> Outcome:
+    """Turn verdicts into the calls the agent gets; consult approvals and once markers."""
+    out = Outcome()
+    now = time.time()
+    for v in verdicts:
+        c = v.call
+        if v.verdict == "invalid" and v.on_invalid == "escalate":
+            esc = escalate_invalid(eff, c, v.errors)
+            if esc is not None:
+                v = esc
+        if v.verdict == "allow":
+            if v.once and v.args_hash and not await _first_time(store, ctx, v, fail_open):
+                reason = f"{c.name} with these arguments was already called in this conversation"
+                ctx.actions.append(f"tool_denied:{c.name}")
+                ctx.rule_ids.append("once_per_conversation")
+                ctx.tool_outcomes.append((c.name, "denied", "once_per_conversation", reason))
+                out.notes.append(f"{c.name}: {reason} (once_per_conversation)")
+                continue
+            ctx.tool_outcomes.append((c.name, "allowed", None, ""))
+            out.kept.append(_kept(c, c.name, c.arguments))
+        elif v.verdict == "escalate":
+            assert v.new_name is not None and v.new_arguments is not None
+            ctx.tool_outcomes.append((c.name, "escalated", v.rule_id, v.reason))
+            if v.errors:
+                ctx.actions.append(f"escalated:{c.name}")
+            out.kept.append(_kept(c, v.new_name, v.new_arguments))
+        elif v.verdict == "hold":
+            kept = await _hold(store, ctx, v, approval_ttl_s=approval_ttl_s, fail_open=fail_open)
+            if kept:
+                out.kept.append(_kept(c, c.name, c.arguments))
+            else:
+                out.notes.append(f"{c.name}: held for human approval ({v.rule_id}: {v.reason})")
+        else:
+            outcome = "schema_denied" if v.verdict == "invalid" else "denied"
+            if v.verdict == "invalid":
+                ctx.actions.append(f"schema_denied:{c.name or '<invalid>'}")
+            ctx.tool_outcomes.append((c.name, outcome, v.rule_id, v.reason))
+            detail = "; ".join(v.errors) if v.errors else v.reason
+            out.notes.append(f"{c.name or '<invalid name>'}: blocked by {v.rule_id} ({detail})")
+    return out
+
+
+async def _first_time(store: Store, ctx: RequestContext, v: CallVerdict, fail_open: bool) -> bool:
+    try:
+        return await store.mark_once(ctx.conversation, v.args_hash or "", ttl_s=7 * 86400)
+    except StoreUnavailable:
+        ctx.degraded = True
+        return fail_open
+
+
+async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_ttl_s: int,
+                fail_open: bool) -> bool:
+    """True when a prior human approval covers exactly this call (consumed now); else record a pending one."""
+    c, now = v.call, time.time()
+    try:
+        prior = await store.approval_find(ctx.conversation, c.name, v.args_hash or "", now=now)
+        if prior is not None and prior.status == "approved" and await store.approval_consume(prior.id, now=now):
+            ctx.actions.append(f"approved:{c.name}")
+            ctx.approval_ids.append(prior.id)
+            ctx.tool_outcomes.append((c.name, "allowed", v.rule_id, f"approved by {prior.decided_by or 'reviewer'}"))
+            return True
+        if prior is not None and prior.status in ("pending", "rejected"):
+            ctx.approval_ids.append(prior.id)
+            ctx.tool_outcomes.append((c.name, "held", v.rule_id, f"approval {prior.status}"))
+            return False
+        a = Approval(id="apr_" + os.urandom(8).hex(), principal=ctx.principal.key_id, team=ctx.principal.team,
+                     conversation=ctx.conversation, tool=c.name, args_hash=v.args_hash or "",
+                     rule_id=v.rule_id or "", reason=v.reason, created_at=now, expires_at=now + approval_ttl_s,
+                     status="pending", note=None, decided_by=None, decided_at=None)
+        await store.approval_create(a)
+    except StoreUnavailable:
+        ctx.degraded = True
+        ctx.tool_outcomes.append((c.name, "held", v.rule_id, "store unavailable"))
+        return False
+    ctx.approval_ids.append(a.id)
+    ctx.tool_outcomes.append((c.name, "held", v.rule_id, v.reason))
+    return False
+
+
+def blocked_text(notes: list[str]) -> str:
+    return "[guardproxy] The requested action was not performed. " + " ".join(notes)
+
+
+def rewrite_message(message: dict[str, Any], outcome: Outcome) -> str | None:
+    """Apply ``outcome`` to a non-streamed assistant message in place; return a new finish_reason or None."""
+    legacy = any(k["legacy"] for k in outcome.kept) or ("function_call" in message and "tool_calls" not in message)
+    if outcome.kept:
+        if legacy:
+            k = outcome.kept[0]
+            message["function_call"] = {"name": k["name"], "arguments": k["arguments"]}
+        else:
+            originals = {tc.get("id"): tc for tc in message.get("tool_calls") or () if isinstance(tc, dict)}
+            calls = []
+            for k in outcome.kept:
+                tc = dict(originals.get(k["id"]) or {"id": k["id"], "type": "function"})
+                tc["function"] = {"name": k["name"], "arguments": k["arguments"]}
+                calls.append(tc)
+            message["tool_calls"] = calls
+        return None
+    message.pop("tool_calls", None)
+    message.pop("function_call", None)
+    text = blocked_text(outcome.notes)
+    message["content"] = (message.get("content") + "\n\n" + text) if message.get("content") else text
+    return "stop"
+
+
+def repair_body(body: dict[str, Any], message: dict[str, Any], decision: ResponseDecision) -> dict[str, Any]:
+    """The original request plus the invalid answer and the validator's errors, to ask the model again."""
+    messages = list(body.get("messages") or [])
+    invalid_calls = [v for v in decision.calls if v.verdict == "invalid"]
+    if invalid_calls and message.get("tool_calls"):
+        messages.append({k: message[k] for k in ("role", "content", "tool_calls") if k in message})
+        for v in decision.calls:
+            if v.verdict == "invalid":
+                text = ("guardproxy: these arguments were rejected, nothing was executed. Errors: "
+                        + "; ".join(v.errors) + ". Call the tool again with arguments that match its schema.")
+            else:
+                text = "guardproxy: not executed because another call in this turn was invalid; repeat it if needed."
+            messages.append({"role": "tool", "tool_call_id": v.call.id or "", "content": text})
+    else:
+        errors = list(decision.output.errors) if decision.output else []
+        for v in invalid_calls:
+            errors.extend(v.errors)
+        if message.get("content"):
+            messages.append({"role": "assistant", "content": message["content"]})
+        messages.append({"role": "user", "content": "guardproxy: your previous answer was rejected by validation: "
+                         + "; ".join(errors) + ". Answer again; it must satisfy the required JSON schema."})
+    return {**body, "messages": messages, "stream": False}
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)

@@ -1,0 +1,215 @@
+"""Prompt token counting with tiktoken, offline, cached per message.
+
+Encodings load offline from the copies litellm bundles in ``litellm_core_utils/tokenizers`` (tiktoken's
+cache layout: files named by the sha1 of the download URL). ``TIKTOKEN_CACHE_DIR`` is pointed there
+before tiktoken first loads an encoding, unless the operator already set it.
+
+Model -> encoding: ``o200k_base`` for the gpt-4o / gpt-4.1 / gpt-4.5 / gpt-5 / o1 / o3 / o4 families,
+``cl100k_base`` for gpt-4 / gpt-3.5 and for every other model. Non-OpenAI models (Claude, Gemini,
+Llama, ...) are therefore counted with cl100k as an approximation; exact vendor counting (litellm's
+``token_counter``) would be a separate, opt-in path because importing litellm costs seconds.
+
+Message accounting follows OpenAI's published recipe: 3 tokens per message, the tokens of the role,
+of the content and of ``name`` (+1), and 3 tokens priming the reply. Content may be a string or a list
+of parts (text and refusal parts are tokenized; every other part, e.g. an image, counts a fixed 85
+tokens). Assistant ``tool_calls`` (and legacy ``function_call``) count their function name and
+arguments. Agents resend the whole history every turn, so each message's count is cached in a bounded
+LRU keyed by (encoding, hash of the message's canonical JSON): a turn tokenizes only its new messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from proxy.pricing import litellm_package_dir
+
+if TYPE_CHECKING:
+    import tiktoken
+
+O200K = "o200k_base"
+CL100K = "cl100k_base"
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+NON_TEXT_PART_TOKENS = 85
+
+# checked in order, so "gpt-4o" is tried before "gpt-4"
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("gpt-4o", O200K),
+    ("chatgpt-4o", O200K),
+    ("gpt-4.1", O200K),
+    ("gpt-4.5", O200K),
+    ("gpt-5", O200K),
+    ("o1", O200K),
+    ("o3", O200K),
+    ("o4", O200K),
+    ("gpt-4", CL100K),
+    ("gpt-3.5", CL100K),
+    ("text-embedding-3", CL100K),
+    ("text-embedding-ada-002", CL100K),
+)
+
+
+def configure_offline_encodings() -> None:
+    """Point tiktoken at litellm's bundled encoding files unless ``TIKTOKEN_CACHE_DIR`` is already set."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return
+    pkg = litellm_package_dir()
+    if pkg is not None:
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(pkg, "litellm_core_utils", "tokenizers")
+
+
+def encoding_for(model: str) -> str:
+    """tiktoken encoding name used for ``model`` (provider prefixes like ``openai/`` are ignored)."""
+    base = model.rsplit("/", 1)[-1].lower()
+    for prefix, enc in _PREFIXES:
+        # "o1" must not match "o1x-something", but must match "o1" and "o1-mini"
+        if base == prefix or base.startswith(prefix + "-") or (len(prefix) > 2 and base.startswith(prefix)):
+            return enc
+    return CL100K
+
+
+def _digest(obj: Any) -> bytes:
+    return hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+class TokenCounter:
+    """Counts prompt tokens; owns its encoders and LRU caches (one instance per app).
+
+    ``encode_calls`` counts calls into tiktoken, ``cache_hits`` / ``cache_misses`` the per-message and
+    per-tool cache lookups; both exist so tests and metrics can see the cache working. Not thread-safe:
+    call it from the event loop thread (or give each worker thread its own counter).
+    """
+
+    def __init__(self, *, max_cached: int = 65_536) -> None:
+        configure_offline_encodings()
+        self._max_cached = max_cached
+        self._encoders: dict[str, tiktoken.Encoding] = {}
+        self._cache: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self.encode_calls = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def encoder(self, encoding: str) -> tiktoken.Encoding:
+        """The tiktoken encoder for an encoding name, loaded on first use."""
+        enc = self._encoders.get(encoding)
+        if enc is None:
+            import tiktoken  # deferred so TIKTOKEN_CACHE_DIR is in place before any encoding loads
+
+            enc = tiktoken.get_encoding(encoding)
+            self._encoders[encoding] = enc
+        return enc
+
+    def warm(self, encodings: tuple[str, ...] = (O200K, CL100K)) -> None:
+        """Load encoders ahead of the first request (each costs ~100 ms to build)."""
+        for name in encodings:
+            self.encoder(name)
+
+    def _encode_len(self, encoding: str, text: str) -> int:
+        if not text:
+            return 0
+        self.encode_calls += 1
+        # encode_ordinary: user text containing "<|endoftext|>" is just text, not an error
+        return len(self.encoder(encoding).encode_ordinary(text))
+
+    def _cached(self, key: tuple[str, bytes]) -> int | None:
+        n = self._cache.get(key)
+        if n is None:
+            self.cache_misses += 1
+            return None
+        self.cache_hits += 1
+        self._cache.move_to_end(key)
+        return n
+
+    def _store(self, key: tuple[str, bytes], n: int) -> None:
+        self._cache[key] = n
+        if len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
+
+    def cache_size(self) -> int:
+        """Number of cached message/tool counts."""
+        return len(self._cache)
+
+    def count_text(self, model: str, s: str) -> int:
+        """Tokens of a bare string under ``model``'s encoding (not cached)."""
+        return self._encode_len(encoding_for(model), s)
+
+    def _content_tokens(self, encoding: str, content: Any) -> int:
+        if content is None:
+            return 0
+        if isinstance(content, str):
+            return self._encode_len(encoding, content)
+        if isinstance(content, list):
+            n = 0
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") in ("text", "refusal"):
+                    text = part.get(part["type"])
+                    n += self._encode_len(encoding, text if isinstance(text, str) else "")
+                elif isinstance(part, str):
+                    n += self._encode_len(encoding, part)
+                else:
+                    n += NON_TEXT_PART_TOKENS
+            return n
+        return self._encode_len(encoding, orjson.dumps(content).decode())
+
+    def _call_tokens(self, encoding: str, call: Any) -> int:
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            return 0
+        n = 0
+        for field in ("name", "arguments"):
+            v = fn.get(field)
+            if isinstance(v, str):
+                n += self._encode_len(encoding, v)
+            elif v is not None:
+                n += self._encode_len(encoding, orjson.dumps(v).decode())
+        return n
+
+    def message_tokens(self, encoding: str, message: Mapping[str, Any]) -> int:
+        """One message's tokens (without the reply priming); cached by content hash."""
+        key = (encoding, _digest(message))
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        n = TOKENS_PER_MESSAGE
+        role = message.get("role")
+        if isinstance(role, str):
+            n += self._encode_len(encoding, role)
+        n += self._content_tokens(encoding, message.get("content"))
+        name = message.get("name")
+        if isinstance(name, str):
+            n += self._encode_len(encoding, name) + TOKENS_PER_NAME
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            n += sum(self._call_tokens(encoding, c) for c in calls)
+        if message.get("function_call") is not None:
+            n += self._call_tokens(encoding, message["function_call"])
+        self._store(key, n)
+        return n
+
+    def count_messages(self, model: str, messages: list[dict[str, Any]]) -> int:
+        """Prompt tokens of a chat history under OpenAI's accounting (including the 3 priming tokens)."""
+        encoding = encoding_for(model)
+        return REPLY_PRIMING + sum(self.message_tokens(encoding, m) for m in messages)
+
+    def count_tools(self, model: str, tools: list[dict[str, Any]] | None) -> int:
+        """Tokens of the tool definitions, as their canonical (sorted-key) JSON; each tool cached by hash."""
+        if not tools:
+            return 0
+        encoding = encoding_for(model)
+        total = 0
+        for tool in tools:
+            canonical = orjson.dumps(tool, option=orjson.OPT_SORT_KEYS)
+            key = (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest())
+            n = self._cached(key)
+            if n is None:
+                n = self._encode_len(encoding, canonical.decode())
+                self._store(key, n)
+            total += n
+        return total

@@ -1,0 +1,196 @@
+"""Compiled pieces, and their restrictive combination for one principal.
+
+Layering rule: every matching policy applies. Any deny wins, allowlists
+intersect, numeric limits take the minimum, cost ceilings all apply. Each
+constraint keeps the mode of the policy (or rule) it came from, so shadow
+findings are reported as ``would_*`` while enforced ones act.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rules.celexpr import Condition
+from rules.cost import EffectiveCost, combine
+from rules.model import Policy
+from rules.schemas import CompiledSchema
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One policy's tool allowlist/denylist."""
+
+    policy: str
+    shadow: bool
+    default_deny: bool
+    allowed: frozenset[str]
+    deny_re: Any  # compiled RE2 pattern or None
+
+    def blocks(self, tool: str) -> bool:
+        """Whether this gate keeps ``tool`` out."""
+        if self.deny_re is not None and self.deny_re.search(tool):
+            return True
+        return self.default_deny and tool not in self.allowed
+
+
+@dataclass(frozen=True)
+class ToolRuleC:
+    id: str
+    condition: Condition
+    action: str
+    reason: str
+    shadow: bool
+    on_error: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class OutputRuleC:
+    id: str
+    condition: Condition
+    action: str
+    set: dict[str, Any]
+    reason: str
+    shadow: bool
+    on_error: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class PatternC:
+    id: str
+    regex: Any
+    reason: str
+    shadow: bool
+    policy: str
+
+
+@dataclass(frozen=True)
+class SchemaC:
+    schema: CompiledSchema
+    on_invalid: str
+    max_repairs: int
+    policy: str
+
+
+@dataclass(frozen=True)
+class ParamC:
+    min: float | None
+    max: float | None
+    policy: str
+    shadow: bool
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """One policy with its conditions, validators and patterns compiled."""
+
+    policy: Policy
+    source: str
+    shadow: bool
+    gate: Gate
+    tool_rules: dict[str, tuple[ToolRuleC, ...]]
+    tool_schemas: dict[str, SchemaC]
+    output_rules: tuple[OutputRuleC, ...]
+    output_schema: SchemaC | None
+    deny_patterns: tuple[PatternC, ...]
+
+    @property
+    def name(self) -> str:
+        return self.policy.metadata.name
+
+    def matches(self, key_id: str, team: str | None) -> bool:
+        """Whether this policy applies to the principal."""
+        m = self.policy.match
+        return m.all or key_id in m.keys or (team is not None and team in m.teams)
+
+
+@dataclass(frozen=True)
+class Effective:
+    """Everything that applies to one principal, combined restrictively."""
+
+    revision: str
+    policy_names: tuple[str, ...]
+    model_gates: tuple[tuple[str, bool, frozenset[str]], ...]
+    params: dict[str, tuple[ParamC, ...]]
+    gates: tuple[Gate, ...]
+    tool_rules: dict[str, tuple[ToolRuleC, ...]]
+    tool_schemas: dict[str, tuple[SchemaC, ...]]
+    once_tools: frozenset[str]
+    escalate_to: str | None
+    output_rules: tuple[OutputRuleC, ...]
+    output_schemas: tuple[SchemaC, ...]
+    deny_patterns: tuple[PatternC, ...]
+    cost: EffectiveCost | None
+    fail_open: bool
+
+    @property
+    def inspects_output(self) -> bool:
+        """Whether assistant text must be buffered to be checked (rules, schema or patterns)."""
+        return bool(self.output_rules or self.output_schemas or self.deny_patterns)
+
+    def tool_blocked(self, tool: str) -> tuple[Gate | None, Gate | None]:
+        """The first enforcing gate and the first shadow gate that block ``tool``."""
+        enforced = shadow = None
+        for g in self.gates:
+            if g.blocks(tool):
+                if g.shadow:
+                    shadow = shadow or g
+                else:
+                    enforced = enforced or g
+        return enforced, shadow
+
+
+def build_effective(matched: Sequence[CompiledPolicy], revision: str) -> Effective:
+    """Combine the policies matching one principal (ordered org, team, key)."""
+    model_gates = tuple(
+        (cp.name, cp.shadow, frozenset(cp.policy.models.allow))
+        for cp in matched
+        if cp.policy.models.allow is not None
+    )
+    params: dict[str, list[ParamC]] = {}
+    tool_rules: dict[str, list[ToolRuleC]] = {}
+    tool_schemas: dict[str, list[SchemaC]] = {}
+    once: set[str] = set()
+    escalate_to = None
+    output_rules: list[OutputRuleC] = []
+    output_schemas: list[SchemaC] = []
+    patterns: list[PatternC] = []
+    fail_open = bool(matched)
+    for cp in matched:
+        p = cp.policy
+        for pname, lim in p.models.params.items():
+            params.setdefault(pname, []).append(ParamC(lim.min, lim.max, cp.name, cp.shadow))
+        for tool, rules in cp.tool_rules.items():
+            tool_rules.setdefault(tool, []).extend(rules)
+        for tool, sc in cp.tool_schemas.items():
+            tool_schemas.setdefault(tool, []).append(sc)
+        if not cp.shadow:
+            once.update(t for t, spec in p.tools.allow.items() if spec.once_per_conversation)
+            if p.tools.escalate_to is not None:
+                escalate_to = p.tools.escalate_to  # the most specific policy names the escalation tool
+            if p.on_store_error == "fail_closed":
+                fail_open = False
+        output_rules.extend(cp.output_rules)
+        if cp.output_schema is not None:
+            output_schemas.append(cp.output_schema)
+        patterns.extend(cp.deny_patterns)
+    costs = [cp.policy.cost for cp in matched if not cp.shadow and cp.policy.cost is not None]
+    return Effective(
+        revision=revision,
+        policy_names=tuple(cp.name for cp in matched),
+        model_gates=model_gates,
+        params={k: tuple(v) for k, v in params.items()},
+        gates=tuple(cp.gate for cp in matched),
+        tool_rules={k: tuple(v) for k, v in tool_rules.items()},
+        tool_schemas={k: tuple(v) for k, v in tool_schemas.items()},
+        once_tools=frozenset(once),
+        escalate_to=escalate_to,
+        output_rules=tuple(output_rules),
+        output_schemas=tuple(output_schemas),
+        deny_patterns=tuple(patterns),
+        cost=combine(costs) if costs else None,
+        fail_open=fail_open,
+    )

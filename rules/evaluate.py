@@ -1,0 +1,205 @@
+"""Stage 3a: the request side. ``evaluate_request(effective, body, principal, now=...)``.
+
+Refuses a disallowed model or a forced disallowed tool; strips disallowed tools
+from ``tools`` / ``functions`` before the model sees them; clamps numeric
+parameters. Pure: the body is never mutated in place (copy on first change),
+and an unchanged body is returned as the same object so the shell can forward
+the original bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from rules.decision import Refusal, RequestDecision, Trail
+from rules.effective import Effective
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as resolved from the proxy key (never from the request)."""
+
+    key_id: str
+    team: str | None = None
+    org: str = "default"
+
+    def as_cel(self) -> dict[str, str]:
+        """The ``principal`` variable of CEL conditions."""
+        return {"key": self.key_id, "team": self.team or "", "org": self.org}
+
+
+def valid_tool_name(name: Any) -> bool:
+    """Exactly the names an OpenAI-compatible API forwards; anything else is denied."""
+    return isinstance(name, str) and TOOL_NAME.fullmatch(name) is not None
+
+
+class _Req:
+    def __init__(self, eff: Effective, body: dict[str, Any]) -> None:
+        self.eff = eff
+        self.orig = body
+        self.body = body
+        self.trail = Trail()
+
+    def writable(self) -> dict[str, Any]:
+        if self.body is self.orig:
+            self.body = dict(self.orig)
+        return self.body
+
+    def tool_denied(self, name: Any) -> tuple[str | None, bool]:
+        """(rule id if the tool is kept out by an enforcing policy, shadow-only block)."""
+        if not valid_tool_name(name):
+            return "tools.invalid_name", False
+        enforced, shadow = self.eff.tool_blocked(name)
+        if enforced is not None:
+            return f"{enforced.policy}:tools", False
+        return None, shadow is not None
+
+
+def _refuse(req: _Req, code: str, message: str, rule_id: str, param: str | None) -> RequestDecision:
+    t = req.trail
+    t.act(f"refused:{code}", rule_id, message)
+    return RequestDecision(
+        effect="deny", revision=req.eff.revision, rule_ids=tuple(t.rule_ids), reasons=tuple(t.reasons),
+        actions=tuple(t.actions), would=tuple(t.would), refusal=Refusal(code, message, rule_id, param),
+    )
+
+
+def _check_model(req: _Req, model: str) -> RequestDecision | None:
+    for policy, shadow, allowed in req.eff.model_gates:
+        if model in allowed:
+            continue
+        if shadow:
+            req.trail.act(f"deny_model:{model}", f"{policy}:models.allow", None, shadow=True)
+            continue
+        return _refuse(req, "model_not_allowed",
+                       f"model {model!r} is not allowed by policy {policy}", f"{policy}:models.allow", "model")
+    return None
+
+
+def _forced_tool(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        return (fn.get("name") if isinstance(fn, dict) else None), "tool_choice"
+    fc = body.get("function_call")
+    if isinstance(fc, dict):
+        return fc.get("name"), "function_call"
+    return None, None
+
+
+def _strip_tools(req: _Req) -> None:
+    body = req.body
+    for field, get_name in (("tools", _tool_name), ("functions", _function_name)):
+        items = body.get(field)
+        if not isinstance(items, list):
+            continue
+        kept = []
+        for item in items:
+            name = get_name(item)
+            rule, shadow_block = req.tool_denied(name)
+            if rule is not None:
+                req.trail.act(f"tool_stripped:{_label(name)}", rule, f"tool {_label(name)} is not allowed")
+                continue
+            if shadow_block:
+                req.trail.act(f"tool_stripped:{name}", f"{name}:shadow", None, shadow=True)
+            kept.append(item)
+        if len(kept) == len(items):
+            continue
+        out = req.writable()
+        if kept:
+            out[field] = kept
+        else:
+            # An empty tools list (or a choice without tools) is invalid upstream: drop them together.
+            out.pop(field, None)
+            if field == "tools":
+                out.pop("tool_choice", None)
+                out.pop("parallel_tool_calls", None)
+            else:
+                out.pop("function_call", None)
+
+
+def _tool_name(item: Any) -> Any:
+    fn = item.get("function") if isinstance(item, dict) else None
+    return fn.get("name") if isinstance(fn, dict) else None
+
+
+def _function_name(item: Any) -> Any:
+    return item.get("name") if isinstance(item, dict) else None
+
+
+def _label(name: Any) -> str:
+    """A printable, bounded form of a (possibly hostile) tool name for messages and headers."""
+    if not isinstance(name, str):
+        return "<invalid>"
+    safe = "".join(ch if ch.isascii() and ch.isprintable() and ch not in ", " else "?" for ch in name[:64])
+    return safe or "<empty>"
+
+
+def _clamp(req: _Req) -> None:
+    for pname, limits in req.eff.params.items():
+        names = _TOKEN_PARAMS if pname in _TOKEN_PARAMS else (pname,)
+        present = [n for n in names if n in req.body]
+        targets = present or [pname]
+        for target in targets:
+            value = req.body.get(target)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                continue  # wrong types are the shell's validation error, not a clamp
+            new = value
+            for lim in limits:
+                cand = new
+                if lim.max is not None and (cand is None or cand > lim.max):
+                    # Absent token limits are set: otherwise the model's default bound applies.
+                    if cand is None and pname not in _TOKEN_PARAMS:
+                        continue
+                    cand = lim.max
+                if lim.min is not None and cand is not None and cand < lim.min:
+                    cand = lim.min
+                if cand != new:
+                    if lim.shadow:
+                        req.trail.act(f"clamped:{target}", f"{lim.policy}:models.params.{pname}", None,
+                                      shadow=True)
+                        continue
+                    new = cand
+                    rule = f"{lim.policy}:models.params.{pname}"
+                    if rule not in req.trail.rule_ids:
+                        req.trail.rule_ids.append(rule)
+            if new != value:
+                if isinstance(value, int) or (value is None and pname in _TOKEN_PARAMS):
+                    new = int(new) if new is not None else None
+                req.writable()[target] = new
+                req.trail.actions.append(f"clamped:{target}")
+
+
+def evaluate_request(eff: Effective, body: dict[str, Any], principal: Principal, *, now: float) -> RequestDecision:
+    """Decide the request side. ``now`` is the caller's clock (unused by request rules today)."""
+    del principal, now  # request rules depend on the principal only through ``eff``
+    req = _Req(eff, body)
+    model = body.get("model")
+    refused = _check_model(req, str(model))
+    if refused is not None:
+        return refused
+    forced, param = _forced_tool(body)
+    if param is not None:
+        rule, shadow_block = req.tool_denied(forced)
+        if rule is not None:
+            return _refuse(req, "tool_not_allowed",
+                           f"{param} forces tool {_label(forced)!r}, which policy does not allow", rule, param)
+        if shadow_block:
+            req.trail.act(f"deny_forced_tool:{forced}", f"{forced}:shadow", None, shadow=True)
+    _strip_tools(req)
+    if body.get("tool_choice") == "required" and "tools" in body and "tools" not in req.body:
+        return _refuse(req, "tool_not_allowed", "tool_choice is 'required' but policy allows none of the tools",
+                       "tools.required", "tool_choice")
+    _clamp(req)
+    t = req.trail
+    changed = req.body is not req.orig
+    return RequestDecision(
+        effect="modify" if changed else "allow", revision=eff.revision, rule_ids=tuple(t.rule_ids),
+        reasons=tuple(t.reasons), actions=tuple(t.actions), would=tuple(t.would), body=req.body,
+        changed=changed,
+    )
