@@ -21,6 +21,7 @@ from proxy.reqctx import RequestContext
 from proxy.respond import dumps, extract_calls, repair_body, resolve_calls, rewrite_message
 from rules.evaluate import evaluate_request
 from rules.evaluate_response import ResponseContext, evaluate_response
+from rules.schemas import SchemaDefinitionError
 
 if TYPE_CHECKING:
     from proxy.state import AppState
@@ -104,17 +105,27 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
         raise
 
 
+def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict[str, Any]) -> None:
+    """Compile (cached by content) the schema a request declares for a tool the policy pins none for."""
+    name, params = fn.get("name"), fn.get("parameters")
+    if not isinstance(name, str) or not isinstance(params, dict) or name in eff.tool_schemas:
+        return
+    try:
+        declared[name] = state.schema_cache.get(params)
+    except SchemaDefinitionError as exc:
+        raise ProxyError("invalid_request", f"tool {name!r} declares an invalid JSON schema: {exc}",
+                         param="tools") from None
+
+
 def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
-    declared = {}
+    declared: dict[str, Any] = {}
     for t in body.get("tools") or ():
         fn = t.get("function") if isinstance(t, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("parameters"), dict) and isinstance(fn.get("name"), str):
-            if fn["name"] not in eff.tool_schemas:
-                declared[fn["name"]] = state.schema_cache.get(fn["parameters"])
+        if isinstance(fn, dict):
+            _declare(state, eff, declared, fn)
     for f in body.get("functions") or ():
-        if isinstance(f, dict) and isinstance(f.get("parameters"), dict) and isinstance(f.get("name"), str):
-            if f["name"] not in eff.tool_schemas:
-                declared[f["name"]] = state.schema_cache.get(f["parameters"])
+        if isinstance(f, dict):
+            _declare(state, eff, declared, f)
     response_schema = None
     rf = body.get("response_format")
     if isinstance(rf, dict) and rf.get("type") == "json_schema":
@@ -184,7 +195,6 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
                 await _apply(state, ctx, eff, d, extra, msg)
     if ctx.usage:
         data["usage"] = ctx.usage if ctx.repairs else data.get("usage", ctx.usage)
-    plan = ctx.plan
     await state.cost.settle(plan, ctx.usage or None, now=time.time())
     ctx.finish_reasons = [str(c.get("finish_reason")) for c in choices if isinstance(c, dict)]
     resp = Response(dumps(data), media_type="application/json", headers=ctx.headers())

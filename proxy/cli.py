@@ -216,8 +216,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    code: int = args.fn(args)
-    return code
+    code = args.fn(args)
+    return int(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and makes no upstream call, charging nothing. Same key, different body: 422
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -51,19 +52,16 @@ class IdemHandle:
     async def _save(self, record: bytes) -> None:
         assert self.store is not None and self.key is not None
         self.done = True
-        try:
+        # If the store is down the in-flight marker expires; a retry then runs again rather than hanging.
+        with contextlib.suppress(StoreUnavailable):
             await self.store.idem_complete(self.key, self.body_hash, record, ttl_s=self.ttl_s)
-        except StoreUnavailable:
-            pass  # the in-flight marker expires; a retry then runs again rather than hanging
 
     async def abort(self) -> None:
         if self.store is None or self.key is None or self.done:
             return
         self.done = True
-        try:
+        with contextlib.suppress(StoreUnavailable):
             await self.store.idem_abort(self.key)
-        except StoreUnavailable:
-            pass
 
 
 def _replay(record: bytes) -> Response:

@@ -60,7 +60,6 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
                         *, approval_ttl_s: int, fail_open: bool) -> Outcome:
     """Turn verdicts into the calls the agent gets; consult approvals and once markers."""
     out = Outcome()
-    now = time.time()
     for v in verdicts:
         c = v.call
         if v.verdict == "invalid" and v.on_invalid == "escalate":
@@ -122,7 +121,7 @@ async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_t
             ctx.approval_ids.append(prior.id)
             ctx.tool_outcomes.append((c.name, "held", v.rule_id, f"approval {prior.status}"))
             return False
-        a = Approval(id="apr_" + os.urandom(8).hex(), principal=ctx.principal.key_id, team=ctx.principal.team,
+        a = Approval(id="apr_" + os.urandom(8).hex(), principal=ctx.principal.key_id, team=ctx.principal.team or "",
                      conversation=ctx.conversation, tool=c.name, args_hash=v.args_hash or "",
                      rule_id=v.rule_id or "", reason=v.reason, created_at=now, expires_at=now + approval_ttl_s,
                      status="pending", note=None, decided_by=None, decided_at=None)
@@ -159,7 +158,8 @@ def rewrite_message(message: dict[str, Any], outcome: Outcome) -> str | None:
     message.pop("tool_calls", None)
     message.pop("function_call", None)
     text = blocked_text(outcome.notes)
-    message["content"] = (message.get("content") + "\n\n" + text) if message.get("content") else text
+    prior = message.get("content")
+    message["content"] = f"{prior}\n\n{text}" if isinstance(prior, str) and prior else text
     return "stop"
 
 

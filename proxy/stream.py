@@ -210,7 +210,8 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
                           body: dict[str, Any], forward_raw: bytes | None, idem: IdemHandle) -> StreamingResponse:
     plan = ctx.plan
     assert plan is not None
-    so = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    so_raw = body.get("stream_options")
+    so: dict[str, Any] = so_raw if isinstance(so_raw, dict) else {}
     client_usage = bool(so.get("include_usage"))
     if not client_usage:
         body = {**body, "stream_options": {**so, "include_usage": True}}

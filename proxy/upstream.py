@@ -10,7 +10,6 @@ message; upstream keys come from config only, never from the caller.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +109,7 @@ class Upstreams:
                 payload = await resp.read()
                 if resp.status >= 400:
                     raise upstream_failure(resp.status, _upstream_message(payload))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProxyError("upstream_timeout", "upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise upstream_failure(None, type(exc).__name__) from None
@@ -139,7 +138,7 @@ class Upstreams:
                                                                sock_read=target.timeout.total))
         try:
             resp = await ctx.__aenter__()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProxyError("upstream_timeout", "upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise upstream_failure(None, type(exc).__name__) from None
@@ -165,7 +164,7 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
                 yield payload
         if not done:
             raise ProxyError("upstream_error", "upstream stream ended before [DONE]")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ProxyError("upstream_timeout", "upstream stream stalled") from None
     except aiohttp.ClientError as exc:
         raise upstream_failure(None, f"stream broken ({type(exc).__name__})") from None

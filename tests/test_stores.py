@@ -36,17 +36,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(below: int) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            return port
+    raise RuntimeError(f"no free port below {below}")
 
 
 class RedisServer:
     """A private ``redis-server`` subprocess (stop/start keeps the port)."""
 
     def __init__(self, *extra: str, conf: str | None = None) -> None:
-        self.port = _free_port()
+        # a cluster node also listens on port + 10000 (its bus), which must stay a valid port
+        self.below = 55_000 if "--cluster-enabled" in extra else 65_536
+        self.port = _free_port(self.below)
         self.dir = tempfile.mkdtemp(prefix="gp-redis-")
         self.extra = extra
         self.conf = conf
@@ -61,7 +67,7 @@ class RedisServer:
                 self.stop()
                 if same_port:
                     raise
-                self.port = _free_port()
+                self.port = _free_port(self.below)
         self._start()
 
     def _start(self) -> None:
@@ -108,11 +114,13 @@ def cluster_url() -> Iterator[str]:
     if not HAVE_SERVER:
         pytest.skip("redis-server not installed")
     srv = RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-    srv.start()
-    srv.cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-    srv.cli_until("CLUSTER INFO", b"cluster_state:ok")
-    yield f"redis+cluster://127.0.0.1:{srv.port}"
-    srv.close()
+    try:
+        srv.start()
+        srv.cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        srv.cli_until("CLUSTER INFO", b"cluster_state:ok")
+        yield f"redis+cluster://127.0.0.1:{srv.port}"
+    finally:
+        srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +128,17 @@ def sentinel_url() -> Iterator[str]:
     if not HAVE_SERVER:
         pytest.skip("redis-server not installed")
     master = RedisServer()
-    master.start()
-    sentinel = RedisServer("--sentinel", conf=f"sentinel monitor gpmaster 127.0.0.1 {master.port} 1\n")
-    sentinel.start()
-    sentinel.cli_until("SENTINEL get-master-addr-by-name gpmaster", str(master.port).encode())
-    yield f"redis+sentinel://127.0.0.1:{sentinel.port}/gpmaster/0"
-    sentinel.close()
-    master.close()
+    sentinel: RedisServer | None = None
+    try:
+        master.start()
+        sentinel = RedisServer("--sentinel", conf=f"sentinel monitor gpmaster 127.0.0.1 {master.port} 1\n")
+        sentinel.start()
+        sentinel.cli_until("SENTINEL get-master-addr-by-name gpmaster", str(master.port).encode())
+        yield f"redis+sentinel://127.0.0.1:{sentinel.port}/gpmaster/0"
+    finally:
+        if sentinel is not None:
+            sentinel.close()
+        master.close()
 
 
 async def _drop_prefix(client: aioredis.Redis | aioredis.RedisCluster, prefix: str) -> None:
@@ -159,19 +171,20 @@ NOW = 1_764_000_000.0
 async def test_reserve_is_all_or_nothing_across_three_ceilings(store: Store) -> None:
     key, team, glob = ceil("key:k1:day:1", 1000), ceil("team:t1:day:1", 500), ceil("global:day:1", 10_000)
     cs = [key, team, glob]
-    first = await store.reserve(cs, 400, now=NOW)
+    assert (await store.reserve([key], 300, now=NOW)).ok
+    first = await store.reserve(cs, 100, now=NOW)
     assert first.ok and first.reservation_id and first.failed is None
-    assert first.fills == {key.key: 0, team.key: 0, glob.key: 0}
-    assert first.spent == 400  # fullest after the hold: team at 400/500
+    assert first.fills == {key.key: 300, team.key: 0, glob.key: 0}
+    assert first.spent == 400  # fullest after the hold: key at 400/1000
 
-    refused = await store.reserve(cs, 200, now=NOW)
+    refused = await store.reserve(cs, 450, now=NOW)  # fits key (850) and global, not team (550)
     assert not refused.ok and refused.reservation_id is None
-    assert refused.failed == team and refused.spent == 400
-    assert refused.fills == {key.key: 400, team.key: 400, glob.key: 400}
-    assert await store.usage(cs, now=NOW) == {key.key: 400, team.key: 400, glob.key: 400}
+    assert refused.failed == team and refused.spent == 100
+    assert refused.fills == {key.key: 400, team.key: 100, glob.key: 100}
+    assert await store.usage(cs, now=NOW) == {key.key: 400, team.key: 100, glob.key: 100}
 
-    assert (await store.reserve(cs, 100, now=NOW)).ok  # exactly at the limit is allowed
-    assert await store.usage(cs, now=NOW) == {key.key: 500, team.key: 500, glob.key: 500}
+    assert (await store.reserve(cs, 400, now=NOW)).ok  # exactly at the team limit is allowed
+    assert await store.usage(cs, now=NOW) == {key.key: 800, team.key: 500, glob.key: 500}
 
 
 async def test_fifty_concurrent_reservations_admit_exactly_ten(store: Store) -> None:
@@ -354,7 +367,11 @@ async def test_dead_redis_raises_store_unavailable_and_opens_circuit() -> None:
 @pytest.mark.skipif(not HAVE_SERVER, reason="redis-server not installed")
 async def test_call_after_redis_comes_back_succeeds() -> None:
     srv = RedisServer()
-    srv.start()
+    try:
+        srv.start()
+    except RuntimeError:
+        srv.close()
+        raise
     s = RedisStore.from_url(f"redis://127.0.0.1:{srv.port}/0", timeout_s=0.5)
     cs = [ceil("key:back:day:1", 100)]
     try:

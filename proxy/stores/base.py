@@ -136,9 +136,10 @@ def check_reserve_args(ceilings: Sequence[Ceiling], amount: int) -> None:
         raise ValueError("duplicate ceiling keys")
 
 
-def settled_marker_ttl(ceilings: Sequence[Ceiling]) -> int:
-    """How long a settled reservation id is remembered (so a second settle is a no-op)."""
-    return max([3600, *(c.ttl_s for c in ceilings)])
+# How long a settled reservation id is remembered so a repeated settle is a no-op. Settles are
+# retried within seconds; one marker per request, so a day-long memory would cost gigabytes
+# at 1000 req/s, while 15 minutes costs ~1M small keys.
+SETTLE_MEMORY_S = 900
 
 
 class Store(abc.ABC):

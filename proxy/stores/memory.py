@@ -19,6 +19,7 @@ from typing import Any
 
 from .base import (
     APPROVAL_STATUSES,
+    SETTLE_MEMORY_S,
     Approval,
     Ceiling,
     IdemBegin,
@@ -27,7 +28,6 @@ from .base import (
     check_reserve_args,
     effective,
     fullest,
-    settled_marker_ttl,
 )
 
 _SWEEP_EVERY = 1024
@@ -117,7 +117,7 @@ class MemoryStore(Store):
             if actual:
                 w.settled += actual
                 w.expires_at = max(w.expires_at, now + c.ttl_s)
-        self._settled_ids[reservation_id] = self._clock() + settled_marker_ttl(ceilings)
+        self._settled_ids[reservation_id] = self._clock() + SETTLE_MEMORY_S
 
     async def spend(self, prefix: str = "") -> dict[str, int]:
         now = self._budget_now  # windows live on the callers' clock

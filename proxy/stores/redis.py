@@ -39,6 +39,7 @@ from ._breaker import CircuitBreaker
 from ._redis_connect import backoff, connect, redact
 from .base import (
     APPROVAL_STATUSES,
+    SETTLE_MEMORY_S,
     Approval,
     Ceiling,
     IdemBegin,
@@ -48,7 +49,6 @@ from .base import (
     check_reserve_args,
     effective,
     fullest,
-    settled_marker_ttl,
 )
 
 __all__ = ["UNAVAILABLE", "RedisStore", "redact"]
@@ -194,7 +194,7 @@ class RedisStore(Store):
         if actual < 0:
             raise ValueError("actual must be >= 0")
         keys = [f"{self._p}{{b}}:d:{reservation_id}", *self._hz(ceilings)]
-        args = [reservation_id, str(actual), str(settled_marker_ttl(ceilings))]
+        args = [reservation_id, str(actual), str(SETTLE_MEMORY_S)]
         args += [str(max(c.ttl_s, 1)) for c in ceilings]
         await self._call(lambda: self._settle(keys=keys, args=args))
 
