@@ -66,6 +66,9 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
     now = time.time()
     idem = await state.idempotency.begin(request, raw, ctx, fail_open=eff.fail_open)
     if idem.replay is not None:
+        ctx.status = idem.replay.status_code
+        ctx.actions.append("idempotent_replay")
+        state.telemetry.finish(ctx)
         return idem.replay
     try:
         decision = evaluate_request(eff, body, ctx.principal, now=now)

@@ -149,18 +149,27 @@ class ConfigError(ValueError):
 def parse_config(text: str, source: str, env: Mapping[str, str] | None = None) -> Config:
     """Validate config text; raise :class:`ConfigError` with every error found."""
     environ = os.environ if env is None else env
+    early: list[SourceError] = []
     try:
         located = load_yaml(text, source, env=environ)
     except YamlLoadError as exc:
-        raise ConfigError(exc.errors) from None
+        if exc.located is None or not isinstance(exc.located.data, dict):
+            raise ConfigError(exc.errors) from None
+        # A missing variable or duplicate key: validate anyway so every error shows up in one run.
+        early, located = exc.errors, exc.located
     if not isinstance(located.data, dict):
         raise ConfigError([SourceError(source, 1, "", "the config file must be a YAML mapping")])
     data = dict(located.data)
     data["base_dir"] = str(Path(source).resolve().parent) if source != "<string>" else "."
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(pydantic_errors(exc, located)) from None
+        # A missing variable expands to "", which may fail validation again at the same place.
+        seen = {e.path for e in early}
+        raise ConfigError(early + [e for e in pydantic_errors(exc, located) if e.path not in seen]) from None
+    if early:
+        raise ConfigError(early)
+    return config
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

@@ -22,6 +22,7 @@ from proxy.stores import Ceiling, Store, StoreUnavailable
 from proxy.tokens import TokenCounter
 from rules.compress import compress_messages
 from rules.cost import (
+    BudgetLimit,
     EffectiveCost,
     actual_micro,
     ceilings_for,
@@ -36,7 +37,9 @@ from rules.cost import (
 from rules.evaluate import Principal
 
 DEFAULT_OUTPUT_BOUND = 4096
-UNLIMITED = 2**52  # conversation spend is tracked even where no ceiling limits it
+UNLIMITED = 2**52  # a tracking counter: spend is recorded where no ceiling limits it
+TRACKED = EffectiveCost(per_conversation=UNLIMITED, budgets=(BudgetLimit("key", "day", None, UNLIMITED),
+                                                             BudgetLimit("team", "day", None, UNLIMITED)))
 
 
 def conversation_id(principal: Principal, body: dict[str, Any], header: str | None) -> str:
@@ -118,14 +121,19 @@ class CostGovernor:
         """Price and estimate; apply the ladder; reserve. Raises 403/429/503 ProxyErrors."""
         price = self.price_of(route_name)
         prompt = self._count(route_name, body)
-        specs = ceilings_for(eff, key_id=principal.key_id, team=principal.team, org=principal.org,
-                             conversation=conversation, now=datetime.fromtimestamp(now, UTC)) if eff else []
+        when = datetime.fromtimestamp(now, UTC)
+        owners = {"key_id": principal.key_id, "team": principal.team, "org": principal.org,
+                  "conversation": conversation, "now": when}
+        specs = ceilings_for(eff, **owners) if eff else []  # type: ignore[arg-type]
+        # Spend is also tracked per key, team and conversation where no ceiling limits it, for reporting.
+        limited = {s.key for s in specs}
+        specs += [s for s in ceilings_for(TRACKED, **owners) if s.key not in limited]  # type: ignore[arg-type]
         ceilings = _store_ceilings(specs)
-        if not any(c.scope == "conversation" for c in ceilings):
-            ceilings.append(Ceiling(f"conversation:{conversation}", UNLIMITED, 7 * 86400, "conversation", "", None))
         plan = CostPlan(price, route_name, prompt, 0, ceilings)
         if eff is not None and (eff.ladder or eff.compress is not None):
             body = await self._ladder(eff, plan, body, now=now, fail_open=fail_open)
+        ceilings.append(Ceiling(f"model:{plan.model}:day:{when.date().isoformat()}", UNLIMITED, 2 * 86400,
+                                "model", "day", None))
         bound, body = self._output_bound(body, plan.price, plan.model)
         plan.estimate = estimate_micro(plan.prompt_tokens, bound, plan.price.input_per_mtok,
                                        plan.price.output_per_mtok)

@@ -55,11 +55,11 @@ def build(paths: Iterable[Path]) -> tuple[CompiledPolicySet | None, list[SourceE
             errors.append(SourceError(str(f), None, "", f"cannot read: {exc}"))
     loaded = load_policies(docs)
     errors.extend(loaded.errors)
-    if errors:
-        return None, errors, []
+    # Compile the files that did load even when others did not, so one run reports every problem.
     compiled, cerrors = compile_policies(loaded.policies)
-    if compiled is None:
-        return None, cerrors, []
+    errors.extend(cerrors)
+    if errors or compiled is None:
+        return None, errors, []
     return compiled, [], list(compiled.warnings)
 
 

@@ -87,7 +87,8 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
             if kept:
                 out.kept.append(_kept(c, c.name, c.arguments))
             else:
-                out.notes.append(f"{c.name}: held for human approval ({v.rule_id}: {v.reason})")
+                ref = f"; approval id {ctx.approval_ids[-1]}" if ctx.approval_ids else ""
+                out.notes.append(f"{c.name}: awaits human approval ({v.rule_id}: {v.reason}{ref})")
         else:
             outcome = "schema_denied" if v.verdict == "invalid" else "denied"
             if v.verdict == "invalid":
@@ -126,6 +127,7 @@ async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_t
                      rule_id=v.rule_id or "", reason=v.reason, created_at=now, expires_at=now + approval_ttl_s,
                      status="pending", note=None, decided_by=None, decided_at=None)
         await store.approval_create(a)
+        ctx.actions.append(f"approval_requested:{c.name}")
     except StoreUnavailable:
         ctx.degraded = True
         ctx.tool_outcomes.append((c.name, "held", v.rule_id, "store unavailable"))

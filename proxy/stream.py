@@ -101,6 +101,8 @@ class _Relay:
                 self.legacy["args"].append(fc["arguments"])
         if finish:
             self.finish = finish
+            if isinstance(content, str) and content and not self.buffer_text:
+                return _event(self._chunk({"content": content}))
             return None
         if not tool_deltas and fc is None and not self.buffer_text and len(choices) == 1:
             return b"data: " + payload + b"\n\n"  # the fast path: forward as received

@@ -81,6 +81,8 @@ class Telemetry:
         for action in ctx.actions:
             kind = action.split(":", 1)[0]
             m.decision(kind, _rule_for(ctx), False)
+            if kind == "approval_requested":
+                m.approval("requested")
         for would in ctx.would:
             m.decision(would.split(":", 1)[0], _rule_for(ctx), True)
         if ctx.degraded or (plan is not None and plan.degraded):

@@ -73,7 +73,8 @@ def compile_condition(env: Any, source: str) -> Condition:
         m = _COLUMN.search(text)
         if m:
             raise CelCompileError(m.group(3).strip(), int(m.group(2))) from None
-        raise CelCompileError(text.splitlines()[0] if text else "invalid expression", None) from None
+        # Errors without a position (e.g. the recursion limit): keep the first line only.
+        raise CelCompileError((text.splitlines() or ["invalid expression"])[0], None) from None
     kind = program.return_type()
     if kind not in (cel.Type.BOOL, cel.Type.DYN):
         raise CelCompileError(f"condition must be boolean, it returns {kind.name()}", None)

@@ -110,9 +110,11 @@ class _Compiler:
         for tool in p.tools.allow:
             if not valid_name.fullmatch(tool):
                 self.err(("tools", "allow", tool), "tool names must match ^[A-Za-z0-9_-]{1,64}$")
-        if p.tools.escalate_to is not None and p.tools.default == "deny" and p.tools.escalate_to not in p.tools.allow:
-            self.err(("tools", "escalate_to"), f"escalation tool {p.tools.escalate_to!r} is not in tools.allow")
         gate = Gate(name, shadow, p.tools.default == "deny", frozenset(p.tools.allow), deny_re)
+        target = p.tools.escalate_to
+        # An escalation tool the policy itself blocks (unlisted, or matched by tools.deny) could never be used.
+        if target is not None and (not valid_name.fullmatch(target) or gate.blocks(target)):
+            self.err(("tools", "escalate_to"), f"escalation tool {target!r} is not allowed by tools.allow/deny")
         tool_rules: dict[str, tuple[ToolRuleC, ...]] = {}
         tool_schemas: dict[str, SchemaC] = {}
         for tool, spec in p.tools.allow.items():

@@ -9,6 +9,7 @@ the original bytes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,14 @@ class _Req:
             self.body = dict(self.orig)
         return self.body
 
-    def tool_denied(self, name: Any) -> tuple[str | None, bool]:
-        """(rule id if the tool is kept out by an enforcing policy, shadow-only block)."""
+    def tool_denied(self, name: Any) -> tuple[str | None, str | None]:
+        """(rule id of an enforcing block, rule id of a shadow-only block); at most one is set."""
         if not valid_tool_name(name):
-            return "tools.invalid_name", False
+            return "tools.invalid_name", None
         enforced, shadow = self.eff.tool_blocked(name)
         if enforced is not None:
-            return f"{enforced.policy}:tools", False
-        return None, shadow is not None
+            return f"{enforced.policy}:tools", None
+        return None, (f"{shadow.policy}:tools" if shadow is not None else None)
 
 
 def _refuse(req: _Req, code: str, message: str, rule_id: str, param: str | None) -> RequestDecision:
@@ -105,8 +106,8 @@ def _strip_tools(req: _Req) -> None:
             if rule is not None:
                 req.trail.act(f"tool_stripped:{_label(name)}", rule, f"tool {_label(name)} is not allowed")
                 continue
-            if shadow_block:
-                req.trail.act(f"tool_stripped:{name}", f"{name}:shadow", None, shadow=True)
+            if shadow_block is not None:
+                req.trail.act(f"tool_stripped:{name}", shadow_block, None, shadow=True)
             kept.append(item)
         if len(kept) == len(items):
             continue
@@ -169,8 +170,12 @@ def _clamp(req: _Req) -> None:
                     if rule not in req.trail.rule_ids:
                         req.trail.rule_ids.append(rule)
             if new != value:
-                if isinstance(value, int) or (value is None and pname in _TOKEN_PARAMS):
-                    new = int(new) if new is not None else None
+                assert new is not None  # only a limit changes ``new``, and limits are numbers
+                if pname in _TOKEN_PARAMS:
+                    # Token counts are integers upstream: round towards the limit that moved the value.
+                    new = math.floor(new) if value is None or new < value else math.ceil(new)
+                elif isinstance(value, int) and float(new).is_integer():
+                    new = int(new)  # keep ``2`` an int, but never truncate ``0.3`` to ``0``
                 req.writable()[target] = new
                 req.trail.actions.append(f"clamped:{target}")
 
@@ -189,8 +194,8 @@ def evaluate_request(eff: Effective, body: dict[str, Any], principal: Principal,
         if rule is not None:
             return _refuse(req, "tool_not_allowed",
                            f"{param} forces tool {_label(forced)!r}, which policy does not allow", rule, param)
-        if shadow_block:
-            req.trail.act(f"deny_forced_tool:{forced}", f"{forced}:shadow", None, shadow=True)
+        if shadow_block is not None:
+            req.trail.act(f"deny_forced_tool:{forced}", shadow_block, None, shadow=True)
     _strip_tools(req)
     if body.get("tool_choice") == "required" and "tools" in body and "tools" not in req.body:
         return _refuse(req, "tool_not_allowed", "tool_choice is 'required' but policy allows none of the tools",

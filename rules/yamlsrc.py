@@ -11,7 +11,7 @@ with its line like any other error.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +72,16 @@ def format_path(path: Path) -> str:
 
 
 class YamlLoadError(ValueError):
-    """The text is not valid YAML (or an interpolation failed)."""
+    """The text is not valid YAML (or an interpolation failed).
 
-    def __init__(self, errors: list[SourceError]) -> None:
+    ``located`` is the parsed document when the YAML itself parsed (a missing variable or a
+    duplicate key), so a caller can still validate it and report every error in one run.
+    """
+
+    def __init__(self, errors: list[SourceError], located: Located | None = None) -> None:
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
+        self.located = located
 
 
 def _placeholders(text: str) -> tuple[str, dict[str, tuple[str, str | None, int]]]:
@@ -113,7 +118,7 @@ def load_yaml(text: str, source: str, *, env: Mapping[str, str] | None = None) -
     if node is not None:
         located.data = _build(node, (), located, constructor, env, errors, tokens)
     if errors:
-        raise YamlLoadError(errors)
+        raise YamlLoadError(errors, located)
     return located
 
 
@@ -132,6 +137,11 @@ def _build(
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = constructor.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                # ``[a, b]: 1`` or ``{a: 1}: 2`` would crash the dict below; report it like any other error.
+                errors.append(SourceError(located.source, key_node.start_mark.line + 1, format_path(path),
+                                          "mapping keys must be scalars"))
+                continue
             if key in out:
                 errors.append(
                     SourceError(located.source, key_node.start_mark.line + 1, format_path((*path, key)),
@@ -148,7 +158,12 @@ def _build(
         ]
     value = constructor.construct_object(node, deep=True)
     if env is not None and tokens and isinstance(node, yaml.ScalarNode) and "__gpenv" in node.value:
-        value = _TOKEN_RE.sub(lambda m: _expand(tokens[m.group(0)], env, located.source, path, errors), node.value)
+        value = _TOKEN_RE.sub(
+            # A token-like text the user wrote literally (not one of ours) is left as written.
+            lambda m: _expand(tokens[m.group(0)], env, located.source, path, errors)
+            if m.group(0) in tokens else m.group(0),
+            node.value,
+        )
     return value
 
 
@@ -169,20 +184,22 @@ def pydantic_errors(exc: Any, located: Located) -> list[SourceError]:
     out = []
     for err in exc.errors():
         loc = tuple(p for p in err.get("loc", ()) if isinstance(p, str | int))
-        # Discriminated unions and function validators add non-path segments; keep real keys only.
         real: list[str | int] = []
         node: Any = located.data
         for part in loc:
-            if isinstance(node, dict) and part in node:
-                real.append(part)
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-                real.append(part)
-                node = node[part]
-            elif err.get("type") == "extra_forbidden" and part == loc[-1]:
-                real.append(part)
+            # Union tags are not in the data, nor is a missing field's key (reported at its parent).
+            if not _has_child(node, part):
+                continue
+            real.append(part)
+            node = node[part]
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         out.append(SourceError(located.source, located.line_of(tuple(real)), format_path(tuple(real)), msg))
     return out
+
+
+def _has_child(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)

@@ -410,7 +410,7 @@ def test_stream_failing_midway_ends_with_sse_error(proxy: Proxy, mock_upstream: 
     # the text that did arrive is a prefix of the scripted answer
     text = "".join(json.loads(e.removeprefix(b"data: "))["choices"][0]["delta"].get("content") or ""
                    for e in events[:-1])
-    assert "this answer will break off halfway through".startswith(text)
+    assert text and "this answer will break off halfway through".startswith(text)
     mock_upstream.script({"content": "this answer will break off halfway through", "chunk_chars": 4,
                           "stream_fail_after": 2})
     with pytest.raises(openai.APIError):
