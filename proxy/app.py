@@ -78,12 +78,13 @@ def build_state(config: Config, *, mock_base: str | None = None) -> AppState:
                       teams=[k.team for k in config.keys if k.team])
     audit = AuditLog(str(config.resolve(tel.audit_log)) if tel.audit_log not in (None, "-") else tel.audit_log) \
         if tel.audit_log else None
-    holder._on_reload = metrics.reload
+    telemetry = Telemetry(tracing, metrics, audit, providers={m.name: m.provider for m in config.models})
+    holder._on_reload = lambda result, revision: telemetry.policies_loaded(result, revision, holder.current)
     return AppState(
         config=config, keys=KeyRing(config), policies=holder, upstreams=Upstreams(srv.upstream_pool_size),
         targets=targets, store=store, cost=CostGovernor(config, prices, tokens, store),
         idempotency=Idempotency(store, config.idempotency_ttl_s), schema_cache=SchemaCache(),
-        telemetry=Telemetry(tracing, metrics, audit),
+        telemetry=telemetry,
     )
 
 
@@ -117,7 +118,7 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
     if errors:
         raise RuntimeError("policies failed to load:\n" + "\n".join(str(e) for e in errors))
     if st.policies.current is not None:
-        st.telemetry.metrics.reload("ok", st.policies.current.revision)
+        st.telemetry.policies_loaded("ok", st.policies.current.revision, st.policies.current)
     app.state.gp = st
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/chat/completions", chat_completions, methods=["POST"])

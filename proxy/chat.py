@@ -63,6 +63,7 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
     ctx.revision = policies.revision
     ctx.conversation = conversation_id(ctx.principal, body, request.headers.get(CONVERSATION_HEADER))
     state.telemetry.begin(ctx, request.headers)
+    state.telemetry.record_input(ctx, body.get("messages"))
     now = time.time()
     idem = await state.idempotency.begin(request, raw, ctx, fail_open=eff.fail_open)
     if idem.replay is not None:
@@ -201,6 +202,7 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
     await state.cost.settle(plan, ctx.usage or None, now=time.time())
     ctx.finish_reasons = [str(c.get("finish_reason")) for c in choices if isinstance(c, dict)]
     resp = Response(dumps(data), media_type="application/json", headers=ctx.headers())
+    state.telemetry.record_output(ctx, [c.get("message") for c in choices if isinstance(c, dict)])
     state.telemetry.finish(ctx)
     return resp
 

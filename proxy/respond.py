@@ -18,6 +18,7 @@ from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
 from rules.decision import CallVerdict, ResponseDecision, ToolCallIn
 from rules.effective import Effective
+from rules.evaluate import printable_name
 from rules.evaluate_response import escalate_invalid
 
 
@@ -92,10 +93,10 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
         else:
             outcome = "schema_denied" if v.verdict == "invalid" else "denied"
             if v.verdict == "invalid":
-                ctx.actions.append(f"schema_denied:{c.name or '<invalid>'}")
+                ctx.actions.append(f"schema_denied:{printable_name(c.name)}")
             ctx.tool_outcomes.append((c.name, outcome, v.rule_id, v.reason))
             detail = "; ".join(v.errors) if v.errors else v.reason
-            out.notes.append(f"{c.name or '<invalid name>'}: blocked by {v.rule_id} ({detail})")
+            out.notes.append(f"{printable_name(c.name)}: blocked by {v.rule_id} ({detail})")
     return out
 
 

@@ -56,9 +56,7 @@ class AppState:
         try:
             data = await self.upstreams.complete(target, body, raw, headers)
         except ProxyError as err:
-            if span is not None:
-                span.set_attribute("error.type", err.code)
-                span.end()
+            self.telemetry.upstream_failed(span, err)
             raise
         self.telemetry.metrics.observe_upstream(target.route.name, time.perf_counter() - t0)
         if span is not None:

@@ -9,27 +9,64 @@ Message content is attached only with ``telemetry.capture_content: true``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel import semconv as sc
 from otel.audit import AuditLog
 from otel.metrics import Metrics
-from otel.tracing import Tracing, span_ids
+from otel.tracing import Tracing, mark_error, span_ids
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from rules.cost import micro_to_usd_str
 from rules.decision import Decision
 
+if TYPE_CHECKING:
+    from rules.compiler import CompiledPolicySet
+
+log = logging.getLogger("guardproxy")
+
+# litellm-style provider prefix -> ``gen_ai.provider.name`` well-known value (semconv GenAI registry).
+GENAI_PROVIDERS: dict[str, str] = {
+    "openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "bedrock": "aws.bedrock",
+    "vertex_ai": "gcp.vertex_ai", "gemini": "gcp.gemini", "mistral": "mistral_ai", "groq": "groq",
+    "cohere": "cohere", "deepseek": "deepseek", "xai": "x_ai", "perplexity": "perplexity",
+    "watsonx": "ibm.watsonx.ai",
+}
+
+
+def genai_provider(provider: str) -> str:
+    """The semconv provider name for a route's provider prefix (unknown prefixes pass through)."""
+    return GENAI_PROVIDERS.get(provider, provider)
+
 
 class Telemetry:
-    def __init__(self, tracing: Tracing, metrics: Metrics, audit: AuditLog | None) -> None:
+    """One per app: turns each finished :class:`RequestContext` into spans, metrics and an audit line.
+
+    ``providers`` maps a client-facing model name to its route's provider prefix (``openai``,
+    ``azure``...), for ``gen_ai.provider.name``; unknown names count as ``openai``.
+    """
+
+    def __init__(self, tracing: Tracing, metrics: Metrics, audit: AuditLog | None,
+                 providers: Mapping[str, str] | None = None) -> None:
         self.tracing = tracing
         self.metrics = metrics
         self.audit = audit
+        self.providers = dict(providers or {})
+
+    def _provider(self, model: str) -> str:
+        return genai_provider(self.providers.get(model, "openai"))
+
+    def policies_loaded(self, result: str, revision: str, compiled: CompiledPolicySet | None) -> None:
+        """A (re)load finished: count it and make the policies' tool names and rule ids the metric
+        label vocabulary (anything else, e.g. a tool name a caller made up, is counted as ``other``)."""
+        self.metrics.reload(result, revision)
+        if result == "ok" and compiled is not None:
+            self.metrics.tools, self.metrics.rules = label_vocabulary(compiled)
 
     # -- spans ---------------------------------------------------------------
     def begin(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
@@ -59,13 +96,34 @@ class Telemetry:
         self._decision_span(ctx, "policy.response", d)
 
     def upstream_span(self, ctx: RequestContext, model: str, headers: dict[str, str]) -> Any:
+        """A CLIENT span for one upstream attempt (repairs make more), its context written into
+        ``headers`` as ``traceparent``. None when tracing is off; the caller ends it."""
         if ctx.span is None:
             return None
         span = self.tracing.start_child(f"chat {model}", parent=ctx.span, kind=SpanKind.CLIENT, attributes={
             sc.GEN_AI_OPERATION_NAME: "chat", sc.GEN_AI_REQUEST_MODEL: model,
+            sc.GEN_AI_PROVIDER_NAME: self._provider(ctx.model_used),
             "guardproxy.upstream.attempt": ctx.upstream_attempts})
         self.tracing.inject(headers, span)
         return span
+
+    @staticmethod
+    def upstream_failed(span: Any, error: ProxyError) -> None:
+        """Mark an upstream attempt's span failed and end it (only the code: messages may quote upstream)."""
+        if span is not None:
+            mark_error(span, error.code)
+            span.end()
+
+    # -- opt-in content capture (telemetry.capture_content) -----------------------
+    def record_input(self, ctx: RequestContext, messages: Any) -> None:
+        """The request messages on the server span, only with ``capture_content: true``."""
+        if ctx.span is not None and self.tracing.capture_content:
+            self.tracing.record_content(ctx.span, sc.GEN_AI_INPUT_MESSAGES, messages)
+
+    def record_output(self, ctx: RequestContext, messages: Any) -> None:
+        """The answer as delivered to the caller (after policy), only with ``capture_content: true``."""
+        if ctx.span is not None and self.tracing.capture_content:
+            self.tracing.record_content(ctx.span, sc.GEN_AI_OUTPUT_MESSAGES, messages)
 
     # -- the end of a request --------------------------------------------------
     def finish(self, ctx: RequestContext, error: ProxyError | None = None) -> None:
@@ -80,16 +138,21 @@ class Telemetry:
                         int(ctx.usage.get("completion_tokens", 0)), plan.actual)
         for action in ctx.actions:
             kind = action.split(":", 1)[0]
-            m.decision(kind, _rule_for(ctx), False)
+            m.decision(kind, _rule_for(ctx, action), False)
             if kind == "approval_requested":
                 m.approval("requested")
         for would in ctx.would:
-            m.decision(would.split(":", 1)[0], _rule_for(ctx), True)
+            m.decision(would.split(":", 1)[0], _rule_for(ctx, would), True)
         if ctx.degraded or (plan is not None and plan.degraded):
             m.degraded()
         self._end_span(ctx, status, error)
         if self.audit is not None:
-            self.audit.record(self._audit_event(ctx, status, error))
+            try:
+                self.audit.record(self._audit_event(ctx, status, error))
+            except (OSError, ValueError):
+                # The answer is already decided; a full disk must not turn it into a 500.
+                m.store_error("audit")
+                log.exception("audit log write failed for %s", ctx.decision_id)
 
     def _end_span(self, ctx: RequestContext, status: int, error: ProxyError | None) -> None:
         span = ctx.span
@@ -97,7 +160,7 @@ class Telemetry:
             return
         plan = ctx.plan
         attrs: dict[str, Any] = {
-            sc.GEN_AI_PROVIDER_NAME: "openai", sc.GEN_AI_RESPONSE_MODEL: ctx.model_used,
+            sc.GEN_AI_PROVIDER_NAME: self._provider(ctx.model_used), sc.GEN_AI_RESPONSE_MODEL: ctx.model_used,
             sc.GUARDPROXY_POLICY_REVISION: ctx.revision, sc.GUARDPROXY_RULE_IDS: ctx.rule_ids,
             sc.GUARDPROXY_ACTIONS: ctx.actions, sc.GUARDPROXY_SHADOW_WOULD: ctx.would,
             "http.response.status_code": status,
@@ -147,5 +210,35 @@ class Telemetry:
         }
 
 
-def _rule_for(ctx: RequestContext) -> str | None:
-    return ctx.rule_ids[0] if ctx.rule_ids else None
+def _rule_for(ctx: RequestContext, action: str) -> str | None:
+    """The rule behind ``action``: the tool outcome's rule for ``kind:tool`` actions, else the
+    single matched rule when there is exactly one (several rules and no tool: unknown)."""
+    _, _, target = action.partition(":")
+    if target:
+        for tool, _outcome, rule, _reason in ctx.tool_outcomes:
+            if tool == target and rule:
+                return rule
+        suffix = f".{target}"
+        for rule_id in ctx.rule_ids:
+            if rule_id.endswith(suffix):  # e.g. clamped:temperature <- policy:models.params.temperature
+                return rule_id
+    return ctx.rule_ids[0] if len(ctx.rule_ids) == 1 else None
+
+
+def label_vocabulary(compiled: CompiledPolicySet) -> tuple[frozenset[str], frozenset[str]]:
+    """(tool names, rule ids) a policy set can put on a decision: the ids written in the policies
+    plus the ones the evaluator derives from them (``{policy}:tools``, ``{policy}:models.params.x``)."""
+    tools: set[str] = set()
+    rules = {"once_per_conversation", "tools.invalid_name"}
+    for cp in compiled.policies:
+        pol, name = cp.policy, cp.name
+        tools.update(pol.tools.allow)
+        tools.update(t for t in pol.tools.deny if not any(ch in t for ch in "*?["))
+        if pol.tools.escalate_to:
+            tools.add(pol.tools.escalate_to)
+        rules.update({f"{name}:tools", f"{name}:models.allow"})
+        rules.update(f"{name}:models.params.{param}" for param in pol.models.params)
+        rules.update(r.id for spec in pol.tools.allow.values() for r in spec.rules)
+        rules.update(r.id for r in pol.output.rules)
+        rules.update(p.id for p in pol.output.deny_patterns)
+    return frozenset(tools), frozenset(rules)

@@ -104,7 +104,7 @@ def _strip_tools(req: _Req) -> None:
             name = get_name(item)
             rule, shadow_block = req.tool_denied(name)
             if rule is not None:
-                req.trail.act(f"tool_stripped:{_label(name)}", rule, f"tool {_label(name)} is not allowed")
+                req.trail.act(f"tool_stripped:{printable_name(name)}", rule, f"tool {printable_name(name)} is not allowed")
                 continue
             if shadow_block is not None:
                 req.trail.act(f"tool_stripped:{name}", shadow_block, None, shadow=True)
@@ -133,7 +133,7 @@ def _function_name(item: Any) -> Any:
     return item.get("name") if isinstance(item, dict) else None
 
 
-def _label(name: Any) -> str:
+def printable_name(name: Any) -> str:
     """A printable, bounded form of a (possibly hostile) tool name for messages and headers."""
     if not isinstance(name, str):
         return "<invalid>"
@@ -150,7 +150,7 @@ def _clamp(req: _Req) -> None:
             value = req.body.get(target)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 continue  # wrong types are the shell's validation error, not a clamp
-            new = value
+            new: Any = value
             for lim in limits:
                 cand = new
                 if lim.max is not None and (cand is None or cand > lim.max):
@@ -170,7 +170,6 @@ def _clamp(req: _Req) -> None:
                     if rule not in req.trail.rule_ids:
                         req.trail.rule_ids.append(rule)
             if new != value:
-                assert new is not None  # only a limit changes ``new``, and limits are numbers
                 if pname in _TOKEN_PARAMS:
                     # Token counts are integers upstream: round towards the limit that moved the value.
                     new = math.floor(new) if value is None or new < value else math.ceil(new)
@@ -193,7 +192,7 @@ def evaluate_request(eff: Effective, body: dict[str, Any], principal: Principal,
         rule, shadow_block = req.tool_denied(forced)
         if rule is not None:
             return _refuse(req, "tool_not_allowed",
-                           f"{param} forces tool {_label(forced)!r}, which policy does not allow", rule, param)
+                           f"{param} forces tool {printable_name(forced)!r}, which policy does not allow", rule, param)
         if shadow_block is not None:
             req.trail.act(f"deny_forced_tool:{forced}", shadow_block, None, shadow=True)
     _strip_tools(req)

@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 
 from rules.celexpr import CelEvalError
-from rules.decision import CallVerdict, OutputVerdict, ResponseDecision, ToolCallIn, Trail
-from rules.effective import Effective, SchemaC
-from rules.evaluate import Principal, _label, valid_tool_name
+from rules.decision import CallVerdict, Effect, OutputVerdict, ResponseDecision, ToolCallIn, Trail
+from rules.effective import Effective, SchemaC, ToolRuleC
+from rules.evaluate import Principal, printable_name, valid_tool_name
 from rules.schemas import CompiledSchema
 from rules.strictjson import StrictJSONError, args_hash, loads_strict
 
@@ -65,13 +65,14 @@ def _escalation(eff: Effective, call: ToolCallIn, args: Any, reason: str) -> tup
 def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail: Trail) -> CallVerdict:
     name = call.name
     if not valid_tool_name(name):
-        trail.act(f"tool_denied:{_label(name)}", "tools.invalid_name", f"tool name {_label(name)!r} is not valid")
+        trail.act(f"tool_denied:{printable_name(name)}", "tools.invalid_name", f"tool name {printable_name(name)!r} is not valid")
         return CallVerdict(call, "deny", "tools.invalid_name", "invalid tool name")
     enforced, shadow = eff.tool_blocked(name)
     if enforced is not None:
-        rule = f"{enforced.policy}:tools"
-        trail.act(f"tool_denied:{name}", rule, f"tool {name} is not allowed by policy {enforced.policy}")
-        return CallVerdict(call, "deny", rule, f"tool {name} is not allowed by policy {enforced.policy}")
+        gate_rule = f"{enforced.policy}:tools"
+        gate_reason = f"tool {name} is not allowed by policy {enforced.policy}"
+        trail.act(f"tool_denied:{name}", gate_rule, gate_reason)
+        return CallVerdict(call, "deny", gate_rule, gate_reason)
     if shadow is not None:
         trail.act(f"tool_denied:{name}", f"{shadow.policy}:tools", None, shadow=True)
     pinned: tuple[SchemaC, ...] = eff.tool_schemas.get(name, ())
@@ -85,6 +86,7 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
                            on_invalid=on_invalid if pinned else "deny", max_repairs=max_repairs)
     if not isinstance(args, dict):
         err = "arguments must be a JSON object"
+        trail.errors.append(f"{name}: {err}")
         return CallVerdict(call, "invalid", f"{name}:arguments", err, errors=(err,), on_invalid="deny")
     schemas = [s.schema for s in pinned]
     if not schemas and name in ctx.declared_schemas:
@@ -95,7 +97,8 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
         trail.errors.extend(f"{name}: {e}" for e in errors)
         return CallVerdict(call, "invalid", f"{name}:schema", "arguments do not match the schema", args=args,
                            args_hash=digest, errors=errors, on_invalid=on_invalid, max_repairs=max_repairs)
-    best, best_rule = "allow", None
+    best = "allow"
+    best_rule: ToolRuleC | None = None
     data = _data(ctx, name, args)
     for rule in eff.tool_rules.get(name, ()):
         try:
@@ -109,6 +112,8 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
             trail.act(f"{rule.action}:{name}", rule.id, None, shadow=True)
             continue
         if _RANK[rule.action] > _RANK[best]:
+            if best_rule is not None and best_rule.id not in trail.rule_ids:
+                trail.rule_ids.append(best_rule.id)  # outranked, but it matched too
             best, best_rule = rule.action, rule
         elif rule.id not in trail.rule_ids:
             trail.rule_ids.append(rule.id)
@@ -211,7 +216,7 @@ def evaluate_response(
     denied = output is not None and output.verdict == "deny"
     changed = any(v.verdict != "allow" for v in verdicts) or (output is not None and output.verdict != "allow")
     removed_all = bool(verdicts) and all(v.verdict in ("deny", "invalid", "hold") for v in verdicts)
-    effect = "deny" if denied or removed_all else ("modify" if changed else "allow")
+    effect: Effect = "deny" if denied or removed_all else ("modify" if changed else "allow")
     return ResponseDecision(
         effect=effect, revision=eff.revision, rule_ids=tuple(trail.rule_ids), reasons=tuple(trail.reasons),
         actions=tuple(trail.actions), would=tuple(trail.would), errors=tuple(trail.errors), calls=verdicts,

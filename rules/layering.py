@@ -14,14 +14,6 @@ from rules.loader import LoadedPolicy
 from rules.yamlsrc import Path, SourceError, format_path
 
 
-def _overlaps(broad: CompiledPolicy, narrow: CompiledPolicy) -> bool:
-    b, n = broad.policy.match, narrow.policy.match
-    if b.all:
-        return True
-    # A team policy over a key policy: we cannot know the key's team here, so assume they may overlap.
-    return bool(b.teams) and bool(n.keys)
-
-
 def loosening_warnings(
     compiled: Sequence[CompiledPolicy], loaded: Mapping[str, LoadedPolicy]
 ) -> list[SourceError]:
@@ -34,7 +26,9 @@ def loosening_warnings(
 
     for broad in compiled:
         for narrow in compiled:
-            if broad.policy.level >= narrow.policy.level or not _overlaps(broad, narrow):
+            # Any broader policy may apply to a narrower one's principals (a key's team is not known
+            # here), so every lower level is compared with every higher one.
+            if broad.policy.level >= narrow.policy.level:
                 continue
             bp, np_ = broad.policy, narrow.policy
             if bp.models.allow is not None and np_.models.allow is not None:

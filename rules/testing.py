@@ -149,7 +149,7 @@ def parse_cases(located: Located) -> tuple[list[LocatedCase], list[SourceError]]
     try:
         doc = CaseFile.model_validate(located.data)
     except ValidationError as exc:
-        return [], pydantic_errors(exc, located)
+        return [], _named_missing(exc, pydantic_errors(exc, located))
     out: list[LocatedCase] = []
     errors: list[SourceError] = []
     seen: set[str] = set()
@@ -163,6 +163,17 @@ def parse_cases(located: Located) -> tuple[list[LocatedCase], list[SourceError]]
     return out, errors
 
 
+def _named_missing(exc: ValidationError, errors: list[SourceError]) -> list[SourceError]:
+    """Say which field is missing: the located path stops at its parent."""
+    out = []
+    for raw, err in zip(exc.errors(), errors, strict=True):
+        loc = raw.get("loc", ())
+        if raw.get("type") == "missing" and loc and isinstance(loc[-1], str):
+            err = SourceError(err.source, err.line, err.path, f"missing required field {loc[-1]!r}")
+        out.append(err)
+    return out
+
+
 def judge(compiled: CompiledPolicySet, case: RequestCase | ResponseCase) -> CaseResult:
     """Evaluate one case against the compiled set and compare with its expectation."""
     p = case.principal
@@ -174,7 +185,18 @@ def judge(compiled: CompiledPolicySet, case: RequestCase | ResponseCase) -> Case
         full = _response_facts(compiled, case, principal)
     expected = case.expect.model_dump(exclude_none=True)
     actual = _project(expected, full)
-    return CaseResult(expected == actual, expected, actual, full)
+    return CaseResult(_same(expected, actual), expected, actual, full)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that keeps ``true`` apart from ``1`` (Python's ``True == 1`` would hide a wrong type)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _tool_names(body: dict[str, Any] | None) -> list[str]:
@@ -208,9 +230,9 @@ def _declared(compiled_names: set[str], resp: ModelResponse) -> dict[str, Compil
     out: dict[str, CompiledSchema] = {}
     for t in resp.request_tools:
         fn = t.get("function", t)  # accept OpenAI {type, function: {...}} or the bare function
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("parameters"), dict):
-            if fn["name"] not in compiled_names:  # as the proxy does: pinned schemas win
-                out[fn["name"]] = compile_schema(fn["parameters"])
+        if (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("parameters"), dict)
+                and fn["name"] not in compiled_names):  # as the proxy does: pinned schemas win
+            out[fn["name"]] = compile_schema(fn["parameters"])
     return out
 
 
@@ -233,7 +255,8 @@ def _response_facts(compiled: CompiledPolicySet, case: ResponseCase, principal: 
         d.output.verdict, d.output.content if d.output.verdict == "rewrite" else content)
     return {
         "decision": d.effect, "rule_ids": list(d.rule_ids), "actions": list(d.actions), "would": list(d.would),
-        "calls": [{"name": v.call.name, "verdict": v.verdict, "rule_id": v.rule_id, "new_name": v.new_name}
+        "calls": [{"name": v.call.name, "verdict": v.verdict, "rule_id": v.rule_id, "new_name": v.new_name,
+                   "new_arguments": _parse(v.new_arguments), "errors": list(v.errors)}
                   for v in d.calls],
         "output": {"verdict": out_verdict, "content": _parse(out_text)},
         "errors": list(d.errors),
@@ -254,7 +277,7 @@ def _project(expected: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         return {"error": full["error"]}
     actual: dict[str, Any] = {}
     for key, want in expected.items():
-        have = full.get(key)
+        have: Any = full.get(key)
         if key in _SETS:
             # Order is an evaluation detail: show the expected order when the sets agree.
             actual[key] = list(want) if sorted(have or []) == sorted(want) else have

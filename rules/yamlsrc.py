@@ -11,7 +11,7 @@ with its line like any other error.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ Path = tuple[str | int, ...]
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _TOKEN_RE = re.compile(r"__gpenv\d+__")
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,14 @@ def _build(
 ) -> Any:
     line = node.start_mark.line + 1
     located.lines[path] = line
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
+        # Collections are built as plain data below; a tag asking for more (``!!python/object``) is refused.
+        errors.append(SourceError(located.source, line, format_path(path), f"unsupported tag {node.tag}"))
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = constructor.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
+            key = _construct(key_node, path, located.source, constructor, errors)
+            if isinstance(key, list | dict | set):
                 # ``[a, b]: 1`` or ``{a: 1}: 2`` would crash the dict below; report it like any other error.
                 errors.append(SourceError(located.source, key_node.start_mark.line + 1, format_path(path),
                                           "mapping keys must be scalars"))
@@ -156,7 +160,7 @@ def _build(
             _build(item, (*path, i), located, constructor, env, errors, tokens)
             for i, item in enumerate(node.value)
         ]
-    value = constructor.construct_object(node, deep=True)
+    value = _construct(node, path, located.source, constructor, errors)
     if env is not None and tokens and isinstance(node, yaml.ScalarNode) and "__gpenv" in node.value:
         value = _TOKEN_RE.sub(
             # A token-like text the user wrote literally (not one of ours) is left as written.
@@ -165,6 +169,19 @@ def _build(
             node.value,
         )
     return value
+
+
+def _construct(
+    node: yaml.Node, path: Path, source: str, constructor: yaml.SafeLoader, errors: list[SourceError]
+) -> Any:
+    """The Python value of a node; a tag the safe loader cannot build (``!!python/...``, ``!!int x``) is
+    a located error, not a crash (PyYAML raises assorted exception types for these)."""
+    try:
+        return constructor.construct_object(node, deep=True)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        errors.append(SourceError(source, node.start_mark.line + 1, format_path(path), f"invalid value: {first}"))
+        return None
 
 
 def _expand(

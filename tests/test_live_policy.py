@@ -24,6 +24,12 @@ CONV = "x-guardproxy-conversation-id"
 MARK = "[guardproxy]"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mock(mock_upstream: Mock) -> None:
+    """No scripted reply left over by a failed test leaks into the next one."""
+    mock_upstream.reset()
+
+
 def tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
 
@@ -379,9 +385,10 @@ def shadow_proxy(make_proxy: Callable[..., Proxy]) -> Proxy:
 
 def test_shadow_policy_changes_nothing_but_reports(shadow_proxy: Proxy, mock_upstream: Mock) -> None:
     mock_upstream.script({"tool_calls": [call("get_ticket_history", '{"ticket_id":"t1"}')]})
-    raw = chat(shadow_proxy, model="gpt-4o", temperature=0.5, tools=[tool("get_ticket_history")])
+    # max_tokens given so that org-base (enforced) has nothing to clamp: every action must be shadow.
+    raw = chat(shadow_proxy, model="gpt-4o", temperature=0.5, max_tokens=100, tools=[tool("get_ticket_history")])
     sent = mock_upstream.calls()[-1]["body"]
-    assert sent["model"] == "gpt-4o" and sent["temperature"] == 0.5
+    assert sent["model"] == "gpt-4o" and sent["temperature"] == 0.5 and sent["max_tokens"] == 100
     assert [t["function"]["name"] for t in sent["tools"]] == ["get_ticket_history"]
     (tc,) = raw.parse().choices[0].message.tool_calls
     assert (tc.function.name, tc.function.arguments) == ("get_ticket_history", '{"ticket_id":"t1"}')
