@@ -112,8 +112,10 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
 def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict[str, Any]) -> None:
     """Compile (cached by content) the schema a request declares for a tool the policy pins none for."""
     name, params = fn.get("name"), fn.get("parameters")
-    if not isinstance(name, str) or not isinstance(params, dict) or name in eff.tool_schemas:
+    if not isinstance(name, str) or not isinstance(params, dict):
         return
+    if any(not s.shadow for s in eff.tool_schemas.get(name, ())):
+        return  # an enforced pinned schema always wins over what the request declares
     try:
         declared[name] = state.schema_cache.get(params)
     except SchemaDefinitionError as exc:

@@ -5,7 +5,7 @@ All refusals use one envelope, the OpenAI error shape plus a decision id::
     {"error": {"message": str, "type": str, "code": str, "param": str | None,
                "decision_id": str | None}}
 
-``code`` is stable and listed in ``docs/errors.md`` (``tests/test_errors_doc.py``
+``code`` is stable and listed in ``docs/errors.md`` (``tests/test_docs_sync.py``
 keeps the two in sync). Raise :class:`ProxyError` anywhere on the request path;
 the app turns it into the envelope. Never put a secret in ``message``.
 """

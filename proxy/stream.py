@@ -137,11 +137,19 @@ class _Relay:
         out: list[bytes] = []
         finish = self.finish or "stop"
         o = decision.output
-        if o is not None and o.verdict in ("deny", "invalid"):
+        escalation: dict[str, Any] | None = None
+        if o is not None and o.verdict == "invalid" and o.on_invalid == "escalate" and eff.escalate_to:
+            # as in the non-streamed path: the invalid text becomes a call to the escalation tool
+            escalation = {"id": "call_guardproxy_escalation", "type": "function", "function": {
+                "name": eff.escalate_to, "arguments": orjson.dumps({"reason": "invalid output: " + "; ".join(
+                    o.errors), "original_tool": None, "original_arguments": None}).decode()}}
+            ctx.actions.append("escalated:output")
+            content = None
+        elif o is not None and o.verdict in ("deny", "invalid"):
             if o.verdict == "deny":
                 raise ProxyError("policy_denied", f"output blocked by rule {o.rule_id}: {o.reason}")
             raise ProxyError("schema_validation_failed", "model output failed schema validation: "
-                             + "; ".join(o.errors[:10]))
+                             + "; ".join(o.errors[:10]), extra={"errors": list(o.errors[:50])})
         if content is not None:
             text = o.content if o is not None and o.verdict == "rewrite" and o.content is not None else content
             if text:
@@ -162,6 +170,10 @@ class _Relay:
             if not outcome.kept:
                 out.append(_event(self._chunk({"content": blocked_text(outcome.notes)})))
                 finish = "stop"
+        if escalation is not None:
+            index = len(outcome.kept) if decision.calls else 0
+            out.append(_event(self._chunk({"tool_calls": [{"index": index, **escalation}]})))
+            finish = "tool_calls"
         out.append(_event(self._chunk({}, finish)))
         ctx.finish_reasons = [finish]
         if self.client_usage:

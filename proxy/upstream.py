@@ -60,13 +60,18 @@ def upstream_failure(status: int | None, detail: str = "") -> ProxyError:
     return ProxyError("upstream_error", f"upstream returned HTTP {status}{': ' + detail if detail else ''}")
 
 
-def _upstream_message(raw: bytes) -> str:
+def _upstream_message(raw: bytes, target: UpstreamTarget) -> str:
     try:
         err = orjson.loads(raw).get("error")
         msg = err.get("message") if isinstance(err, dict) else err
-        return str(msg)[:300] if msg else ""
+        text = str(msg) if msg else ""
     except (orjson.JSONDecodeError, AttributeError):
         return ""
+    # Providers echo the key they were sent ("Incorrect API key provided: sk-..."): never pass it on.
+    key = target.route.api_key.get_secret_value() if target.route.api_key is not None else ""
+    if key:
+        text = text.replace(key, "[redacted]")
+    return text[:300]
 
 
 class Upstreams:
@@ -108,7 +113,7 @@ class Upstreams:
                                           timeout=target.timeout) as resp:
                 payload = await resp.read()
                 if resp.status >= 400:
-                    raise upstream_failure(resp.status, _upstream_message(payload))
+                    raise upstream_failure(resp.status, _upstream_message(payload, target))
         except TimeoutError:
             raise ProxyError("upstream_timeout", "upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
@@ -145,7 +150,7 @@ class Upstreams:
         if resp.status >= 400:
             payload = await resp.read()
             resp.release()
-            raise upstream_failure(resp.status, _upstream_message(payload))
+            raise upstream_failure(resp.status, _upstream_message(payload, target))
         return _sse_events(resp)
 
 

@@ -94,7 +94,8 @@ class _Compiler:
         except SchemaDefinitionError as exc:
             self.err(path, f"invalid JSON schema: {exc}")
             return None
-        return SchemaC(compiled, on_invalid, max_repairs, self.policy.metadata.name)
+        return SchemaC(compiled, on_invalid, max_repairs, self.policy.metadata.name,
+                       self.policy.mode == "shadow")
 
     def run(self) -> CompiledPolicy | None:
         p = self.policy

@@ -73,6 +73,7 @@ class SchemaC:
     on_invalid: str
     max_repairs: int
     policy: str
+    shadow: bool = False  # a shadow policy's schema is checked and reported as ``would_*``, never enforced
 
 
 @dataclass(frozen=True)

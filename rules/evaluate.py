@@ -104,7 +104,8 @@ def _strip_tools(req: _Req) -> None:
             name = get_name(item)
             rule, shadow_block = req.tool_denied(name)
             if rule is not None:
-                req.trail.act(f"tool_stripped:{printable_name(name)}", rule, f"tool {printable_name(name)} is not allowed")
+                shown = printable_name(name)
+                req.trail.act(f"tool_stripped:{shown}", rule, f"tool {shown} is not allowed")
                 continue
             if shadow_block is not None:
                 req.trail.act(f"tool_stripped:{name}", shadow_block, None, shadow=True)

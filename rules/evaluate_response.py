@@ -54,6 +54,13 @@ def _violations(schemas: Sequence[CompiledSchema], value: Any) -> tuple[str, ...
     return tuple(errs)
 
 
+def _shadow_schemas(trail: Trail, schemas: Sequence[SchemaC], value: Any, label: str) -> None:
+    """Report (as ``would_schema_invalid:<label>``) what a shadow policy's schema would reject."""
+    for s in schemas:
+        if s.shadow and not s.schema.is_valid(value):
+            trail.act(f"schema_invalid:{label}", f"{s.policy}:schema", None, shadow=True)
+
+
 def _escalation(eff: Effective, call: ToolCallIn, args: Any, reason: str) -> tuple[str, str] | None:
     target = eff.escalate_to
     if target is None or not valid_tool_name(target) or eff.tool_blocked(target)[0] is not None:
@@ -65,7 +72,8 @@ def _escalation(eff: Effective, call: ToolCallIn, args: Any, reason: str) -> tup
 def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail: Trail) -> CallVerdict:
     name = call.name
     if not valid_tool_name(name):
-        trail.act(f"tool_denied:{printable_name(name)}", "tools.invalid_name", f"tool name {printable_name(name)!r} is not valid")
+        shown = printable_name(name)
+        trail.act(f"tool_denied:{shown}", "tools.invalid_name", f"tool name {shown!r} is not valid")
         return CallVerdict(call, "deny", "tools.invalid_name", "invalid tool name")
     enforced, shadow = eff.tool_blocked(name)
     if enforced is not None:
@@ -75,7 +83,8 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
         return CallVerdict(call, "deny", gate_rule, gate_reason)
     if shadow is not None:
         trail.act(f"tool_denied:{name}", f"{shadow.policy}:tools", None, shadow=True)
-    pinned: tuple[SchemaC, ...] = eff.tool_schemas.get(name, ())
+    all_pinned: tuple[SchemaC, ...] = eff.tool_schemas.get(name, ())
+    pinned = tuple(s for s in all_pinned if not s.shadow)
     on_invalid, max_repairs = (pinned[0].on_invalid, pinned[0].max_repairs) if pinned else ("repair", 1)
     try:
         args = loads_strict(call.arguments or "{}", max_depth=ctx.max_depth, max_string=ctx.max_string)
@@ -88,6 +97,7 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
         err = "arguments must be a JSON object"
         trail.errors.append(f"{name}: {err}")
         return CallVerdict(call, "invalid", f"{name}:arguments", err, errors=(err,), on_invalid="deny")
+    _shadow_schemas(trail, all_pinned, args, name)
     schemas = [s.schema for s in pinned]
     if not schemas and name in ctx.declared_schemas:
         schemas = [ctx.declared_schemas[name]]
@@ -155,22 +165,26 @@ def _output_verdict(eff: Effective, content: str, ctx: ResponseContext, trail: T
             reason = pat.reason or f"output matches pattern {pat.id}"
             trail.act("output_denied", pat.id, reason)
             return OutputVerdict("deny", rule_id=pat.id, reason=reason)
-    pinned = eff.output_schemas
+    pinned = [s for s in eff.output_schemas if not s.shadow]
+    shadow_pinned = [s for s in eff.output_schemas if s.shadow]
     schemas = [s.schema for s in pinned]
     if ctx.response_schema is not None:
         schemas.append(ctx.response_schema)
     on_invalid, max_repairs = (pinned[0].on_invalid, pinned[0].max_repairs) if pinned else ("repair", 1)
-    if not schemas and not eff.output_rules:
+    if not schemas and not eff.output_rules and not shadow_pinned:
         return OutputVerdict("allow")
     try:
         value = loads_strict(content, max_depth=ctx.max_depth, max_string=ctx.max_string)
     except StrictJSONError as exc:
+        if shadow_pinned:
+            trail.act("schema_invalid:output", f"{shadow_pinned[0].policy}:schema", None, shadow=True)
         if not schemas:
             return OutputVerdict("allow")  # free text: output rules only apply to structured outputs
         err = f"content: {exc}"
         trail.errors.append(err)
         return OutputVerdict("invalid", rule_id="output:schema", reason="output is not valid JSON",
                              errors=(err,), on_invalid=on_invalid, max_repairs=max_repairs)
+    _shadow_schemas(trail, shadow_pinned, value, "output")
     errors = _violations(schemas, value)
     if errors:
         trail.errors.extend(errors)

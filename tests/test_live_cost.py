@@ -46,8 +46,8 @@ POLICIES = {
                    {"at": 0.9, "compress_to_tokens": 60}]}),
     "compress.yaml": _policy("compress", "cost-compress", {"compress": {"above_tokens": 4000, "to_tokens": 3000}}),
     "plain.yaml": _policy("plain", "cost-plain", None),
-    "concurrency.yaml": _policy("concurrency", "cost-concurrency", {
-        "budgets": [{"scope": "key", "window": "day", "usd": 1}]}),
+    **{f"concurrency-{n}.yaml": _policy(f"concurrency-{n}", f"cost-concurrency-{n}", {
+        "budgets": [{"scope": "key", "window": "day", "usd": 1}]}) for n in (1000, 400)},
 }
 
 
@@ -61,7 +61,8 @@ def gov(make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
         {"name": "mystery", "upstream": "openai/mystery-model-x", **route},
     ]
     cfg["keys"] = [{"id": "cost-ladder", "key": LADDER_KEY}, {"id": "cost-compress", "key": COMPRESS_KEY},
-                   {"id": "cost-plain", "key": PLAIN_KEY}, {"id": "cost-concurrency", "key": CONC_KEY}]
+                   {"id": "cost-plain", "key": PLAIN_KEY},
+                   *({"id": f"cost-concurrency-{n}", "key": f"{CONC_KEY}-{n}"} for n in (1000, 400))]
     return make_proxy(policies=POLICIES, config=cfg)
 
 
@@ -287,35 +288,45 @@ def test_huge_max_tokens_is_clamped_to_model_limit_before_reserving(gov: Proxy, 
 # --- concurrency: reservations are atomic -------------------------------------------------------------------
 
 
-def test_concurrent_requests_never_overspend(gov: Proxy, mock_upstream: Mock) -> None:
-    # Each request reserves exactly $0.10 (1000 output tokens x $100/Mtok) against a $1/day key budget,
-    # and settles at exactly $0.10, so at most 10 of 50 simultaneous requests can be admitted.
+@pytest.mark.parametrize("completion_tokens", [1000, 400])
+def test_concurrent_requests_never_overspend(gov: Proxy, mock_upstream: Mock, completion_tokens: int) -> None:
+    # Each request reserves exactly $0.10 (1000 output tokens x $100/Mtok) against a $1/day key budget, so
+    # at most 10 of 50 simultaneous requests hold a reservation at once. Settling at the full $0.10 frees
+    # nothing (exactly 10 served); settling at $0.04 frees room, but spend can still never pass $1.
+    counter_prefix = f"key:cost-concurrency-{completion_tokens}:"
+    key = f"{CONC_KEY}-{completion_tokens}"
     mock_upstream.script(*[{"content": "fine", "delay_ms": 200,
-                            "usage": {"prompt_tokens": 12, "completion_tokens": 1000}}] * 10)
+                            "usage": {"prompt_tokens": 12, "completion_tokens": completion_tokens}}] * 50)
 
-    async def one(client: Any, i: int) -> tuple[int, str | None, dict[str, Any] | None]:
+    async def one(client: Any, i: int) -> tuple[int, str | None, httpx.Response | None]:
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model="priced-model", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=1000,
-                extra_headers={CONV: f"conc-{i}"})
+                extra_headers={CONV: f"conc-{completion_tokens}-{i}"})
         except openai.APIStatusError as e:
-            return e.status_code, None, e.response.json()["error"]
+            return e.status_code, None, e.response
         return raw.status_code, raw.headers["x-guardproxy-cost-usd"], None
 
-    async def run() -> list[tuple[int, str | None, dict[str, Any] | None]]:
-        async with gov.aclient(CONC_KEY) as client:
+    async def run() -> list[tuple[int, str | None, httpx.Response | None]]:
+        async with gov.aclient(key) as client:
             return await asyncio.gather(*(one(client, i) for i in range(50)))
 
     results = asyncio.run(run())
     served = [cost for status, cost, _ in results if status == 200]
-    refused = [err for status, _, err in results if status == 429]
+    refused = [resp for status, _, resp in results if status == 429]
     assert len(served) + len(refused) == 50, [r[0] for r in results]
-    assert 1 <= len(served) <= 10
-    assert len(served) == 10  # settled cost equals the reservation, so no room frees up
-    assert all(e is not None and e["code"] == "budget_exceeded" and e["budget"]["scope"] == "key"
-               for e in refused)
+    assert 1 <= len(served) <= 1_000_000 // (completion_tokens * 100)
+    if completion_tokens == 1000:
+        assert len(served) == 10
+    for resp in refused:
+        assert resp is not None
+        err = resp.json()["error"]
+        assert err["code"] == "budget_exceeded" and err["budget"]["scope"] == "key"
+        assert err["budget"]["window"] == "day" and err["budget"]["limit_usd"] == "1.000000"
+        assert int(resp.headers["retry-after"]) >= 1
     assert len(mock_upstream.calls()) == len(served)
-    rows = gov.get("/v1/spend?prefix=key:cost-concurrency:", key=ADMIN_KEY).json()["data"]
+    assert set(served) == {f"0.{completion_tokens * 100:06d}"}
+    rows = gov.get(f"/v1/spend?prefix={counter_prefix}", key=ADMIN_KEY).json()["data"]
     assert len(rows) == 1
     assert _micro(rows[0]["spend_usd"]) == sum(_micro(c) for c in served if c is not None)
     assert _micro(rows[0]["spend_usd"]) <= 1_000_000

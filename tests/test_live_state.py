@@ -47,7 +47,10 @@ POLICIES = {
         {"id": "big-transfer-needs-approval", "when": "double(args.amount) > 100.0",
          "action": "require_approval", "reason": "transfers over $100 need a human"}]}}}),
     "budget.yaml": _policy("budget", "state-budget", cost={"budgets": [{"scope": "key", "window": "day", "usd": 1}]}),
-    "open.yaml": _policy("open", "state-open", on_store_error="fail_open"),
+    "open.yaml": _policy("open", "state-open", on_store_error="fail_open",
+                         tools={"default": "allow", "allow": {"transfer_funds": {"rules": [
+                             {"id": "big-transfer-needs-approval", "when": "double(args.amount) > 100.0",
+                              "action": "require_approval", "reason": "transfers over $100 need a human"}]}}}),
 }
 
 
@@ -70,17 +73,22 @@ def redis14() -> Iterator[str]:
     r.close()
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
-    """One proxy per store backend (the Redis one on a freshly flushed db 14)."""
-    store = "memory" if request.param == "memory" else request.getfixturevalue("redis14")
-    return make_proxy(policies=POLICIES, config=_config(mock_upstream, store))
-
-
 @pytest.fixture(scope="module")
 def replicas(redis14: str, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> list[Proxy]:
-    """Three ``guardproxy serve`` processes sharing one Redis."""
-    return [make_proxy(policies=POLICIES, config=_config(mock_upstream, redis14)) for _ in range(3)]
+    """Three ``guardproxy serve`` processes sharing one Redis, started side by side."""
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(make_proxy, policies=POLICIES, config=_config(mock_upstream, redis14))
+                   for _ in range(3)]
+        return [f.result() for f in futures]
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
+    """One proxy per store backend; the Redis one is the first replica (db 14, flushed first)."""
+    if request.param == "memory":
+        return make_proxy(policies=POLICIES, config=_config(mock_upstream, "memory"))
+    proxies: list[Proxy] = request.getfixturevalue("replicas")
+    return proxies[0]
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +123,24 @@ def test_idempotent_retry_replays_without_upstream_call(backend: Proxy, mock_ups
     assert again.parse().choices[0].message.content == "first and only"
     assert again.headers["x-guardproxy-decision-id"] == first.headers["x-guardproxy-decision-id"]
     assert len(mock_upstream.calls()) == 1  # served from the store, not the model
+
+    # keys are scoped to the caller: another principal's identical key and body is a new request
+    other = backend.client(OPEN_KEY).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], extra_headers={"Idempotency-Key": key})
+    assert "idempotent-replayed" not in other.headers
+    assert len(mock_upstream.calls()) == 2
+
+
+def test_failed_attempt_is_not_stored_for_replay(backend: Proxy, mock_upstream: Mock) -> None:
+    key = _uid("idem-fail")
+    mock_upstream.script({"status": 500, "error_message": "upstream broke"}, {"content": "second try works"})
+    with pytest.raises(openai.APIStatusError) as exc:
+        _idem_ask(backend, key)
+    assert exc.value.status_code == 502
+    retry = _idem_ask(backend, key)
+    assert "idempotent-replayed" not in retry.headers
+    assert retry.parse().choices[0].message.content == "second try works"
+    assert len(mock_upstream.calls()) == 2
 
 
 def test_idempotency_key_with_different_body_is_refused(backend: Proxy, mock_upstream: Mock) -> None:
@@ -249,6 +275,27 @@ def test_rejected_call_stays_held(backend: Proxy, mock_upstream: Mock) -> None:
     assert backend.post("/admin/approvals/apr_doesnotexist/approve", key=ADMIN_KEY).status_code == 404
 
 
+def test_streamed_call_is_held_then_released(backend: Proxy, mock_upstream: Mock) -> None:
+    cid = _uid("conv-stream")
+    args = '{"amount": 300, "to": "acct-1"}'
+
+    def ask() -> tuple[str, list[Any]]:
+        mock_upstream.script({"tool_calls": [{"name": "transfer_funds", "arguments": args}]})
+        chunks = list(backend.client(AGENT_KEY).chat.completions.create(
+            model="gpt-4o-mini", messages=USER, tools=[TRANSFER], stream=True, extra_headers={CONV: cid}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+        return text, calls
+
+    text, calls = ask()
+    assert calls == [] and "awaits human approval" in text  # no byte of the held call reached the agent
+    aid = next(a["id"] for a in _pending(backend) if a["conversation"] == cid)
+    assert aid in text
+    assert backend.post(f"/admin/approvals/{aid}/approve", key=ADMIN_KEY).status_code == 200
+    text, calls = ask()
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("transfer_funds", args)]
+
+
 # --- Redis only: replicas sharing one store ---------------------------------------------------------------
 
 
@@ -330,6 +377,11 @@ def test_dead_store_fail_closed_refuses_with_503(dead: Proxy, mock_upstream: Moc
     assert mock_upstream.calls() == []
     assert dead.get("/readyz").status_code == 503
     assert dead.get("/readyz").json()["store"]["reachable"] is False
+    for resp in (dead.get("/admin/approvals?status=pending", key=ADMIN_KEY), dead.get("/v1/spend", key=ADMIN_KEY),
+                 dead.post("/admin/approvals/apr_0123456789abcdef/approve", key=ADMIN_KEY)):
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "state_unavailable"
+    assert dead.get("/metrics").status_code == 200
 
 
 def test_dead_store_fail_open_serves_degraded(dead: Proxy, mock_upstream: Mock) -> None:
@@ -345,7 +397,13 @@ def test_dead_store_fail_open_serves_degraded(dead: Proxy, mock_upstream: Mock) 
     assert raw_stream.headers["x-guardproxy-degraded"] == "true"
     chunks = list(raw_stream.parse())
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert len(mock_upstream.calls()) == 4
+    # an action that needs a human stays held when no approval can be looked up or recorded
+    mock_upstream.script({"tool_calls": [{"name": "transfer_funds", "arguments": '{"amount": 500, "to": "x"}'}]})
+    held = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER, tools=[TRANSFER])
+    assert held.headers["x-guardproxy-degraded"] == "true"
+    assert not held.parse().choices[0].message.tool_calls
+    assert "human approval" in (held.parse().choices[0].message.content or "")
+    assert len(mock_upstream.calls()) == 5
     assert "Traceback" not in dead.output()
 
 
@@ -361,3 +419,17 @@ def test_workers_with_memory_store_refuse_to_start(tmp_path: Any, mock_upstream:
     assert proc.returncode != 0
     assert "shared store" in proc.stderr
     assert "redis://" in proc.stderr
+
+
+def test_streamed_response_replays_immediately(backend: Proxy, mock_upstream: Mock) -> None:
+    key = _uid("idem-stream")
+    mock_upstream.script({"content": "streamed once", "chunk_chars": 3})
+    client = backend.client(AGENT_KEY)
+    first = list(client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True,
+                                                extra_headers={"Idempotency-Key": key}))
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER, stream=True,
+                                                           extra_headers={"Idempotency-Key": key})
+    assert raw.headers["idempotent-replayed"] == "true"
+    again = list(raw.parse())
+    assert [c.model_dump() for c in again] == [c.model_dump() for c in first]
+    assert len(mock_upstream.calls()) == 1

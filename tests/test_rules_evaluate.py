@@ -10,7 +10,7 @@ import pytest
 from rules.compiler import CompiledPolicySet, compile_policies
 from rules.decision import RequestDecision, Trail
 from rules.effective import Effective
-from rules.evaluate import Principal, printable_name, evaluate_request, valid_tool_name
+from rules.evaluate import Principal, evaluate_request, printable_name, valid_tool_name
 from rules.loader import load_policies
 
 P = Principal("k1", "t1")
@@ -205,7 +205,8 @@ def test_org_deny_glob_beats_key_allow() -> None:
     eff = eff_of(org, key)
     d = run(eff, {"model": "a", "tools": [tool("delete_user")]})
     assert d.actions == ("tool_stripped:delete_user",) and d.rule_ids == ("org:tools",)
-    assert eff.tool_blocked("delete_user")[0] is not None and eff.tool_blocked("delete_user")[0].policy == "org"
+    gate, _ = eff.tool_blocked("delete_user")
+    assert gate is not None and gate.policy == "org"
 
 
 def test_shadow_tool_gate_keeps_tool_and_reports_would() -> None:
