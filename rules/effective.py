@@ -9,7 +9,7 @@ findings are reported as ``would_*`` while enforced ones act.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rules.celexpr import Condition
@@ -126,6 +126,9 @@ class Effective:
     deny_patterns: tuple[PatternC, ...]
     cost: EffectiveCost | None
     fail_open: bool
+    # Memo of tool_blocked: the RE2 wrapper costs ~15 µs a call and the same few names come back on
+    # every request. Names reaching it are valid (<= 64 chars); the bound keeps hostile churn finite.
+    _blocked: dict[str, tuple[Gate | None, Gate | None]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def inspects_output(self) -> bool:
@@ -134,6 +137,9 @@ class Effective:
 
     def tool_blocked(self, tool: str) -> tuple[Gate | None, Gate | None]:
         """The first enforcing gate and the first shadow gate that block ``tool``."""
+        hit = self._blocked.get(tool)
+        if hit is not None:
+            return hit
         enforced = shadow = None
         for g in self.gates:
             if g.blocks(tool):
@@ -141,6 +147,8 @@ class Effective:
                     shadow = shadow or g
                 else:
                     enforced = enforced or g
+        if len(self._blocked) < 4096:
+            self._blocked[tool] = (enforced, shadow)
         return enforced, shadow
 
 

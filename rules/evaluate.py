@@ -138,6 +138,8 @@ def printable_name(name: Any) -> str:
     """A printable, bounded form of a (possibly hostile) tool name for messages and headers."""
     if not isinstance(name, str):
         return "<invalid>"
+    if TOOL_NAME.fullmatch(name):  # the common case: already printable ASCII without ", "
+        return name
     safe = "".join(ch if ch.isascii() and ch.isprintable() and ch not in ", " else "?" for ch in name[:64])
     return safe or "<empty>"
 

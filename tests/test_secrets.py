@@ -28,7 +28,9 @@ ADMIN_SECRET = "sk-admin-SENTINEL-0f3e55"
 BAD_SECRET = "sk-bad-SENTINEL-9a9a11"
 SECRETS = (UPSTREAM_SECRET, CALLER_SECRET, ADMIN_SECRET, BAD_SECRET)
 PROMPT = "PROMPT-SENTINEL-3be1 my account password is hunter2"
-SENTINEL_PARTS = ("SENTINEL-4c1d9e", "SENTINEL-77ab02", "SENTINEL-0f3e55", "SENTINEL-9a9a11", "PROMPT-SENTINEL")
+# Also the bare tails, so a partly masked or truncated echo of a key is caught as well.
+SENTINEL_PARTS = ("SENTINEL-4c1d9e", "SENTINEL-77ab02", "SENTINEL-0f3e55", "SENTINEL-9a9a11",
+                  "PROMPT-SENTINEL")
 
 # A policy for the caller: any tool allowed, free text (no pinned output schema).
 OPEN = """
@@ -166,7 +168,8 @@ def _drive(t: Transcript, mock: Mock) -> None:
     mock.script({"content": "once"})
     first = t.chat(headers={"idempotency-key": "k1"})
     again = t.chat(headers={"idempotency-key": "k1"})
-    assert first.status_code == again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert first.status_code == again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
 
 
 def _assert_clean(where: str, text: str, forbidden: tuple[str, ...] = SENTINEL_PARTS) -> None:
@@ -175,8 +178,8 @@ def _assert_clean(where: str, text: str, forbidden: tuple[str, ...] = SENTINEL_P
 
 
 @pytest.mark.parametrize("exporter", ["console", "otlp"])
-def test_no_secret_or_prompt_in_any_output(exporter: str, make_proxy: Callable[..., Proxy], mock_upstream: Mock,
-                                           receiver: RawReceiver) -> None:
+def test_no_secret_or_prompt_in_any_output(exporter: str, make_proxy: Callable[..., Proxy],
+                                           mock_upstream: Mock, receiver: RawReceiver) -> None:
     tel = {"exporter": "otlp", "endpoint": f"http://127.0.0.1:{receiver.port}"} if exporter == "otlp" \
         else {"exporter": "console"}
     proxy = make_proxy(policies={"open.yaml": OPEN}, config=_config(mock_upstream.url, tel))
