@@ -87,9 +87,10 @@ class KeyConfig(_Frozen):
 
 
 class TelemetryConfig(_Frozen):
-    exporter: Literal["none", "console", "otlp"] = "none"
+    # None = unset: the standard OTEL_TRACES_EXPORTER / OTEL_SERVICE_NAME fill it, else none / guardproxy.
+    exporter: Literal["none", "console", "otlp"] | None = None
     endpoint: str | None = None
-    service_name: str = "guardproxy"
+    service_name: str | None = None
     capture_content: bool = False
     audit_log: str | None = None  # "-" for stdout, a path, or none
 

@@ -193,7 +193,10 @@ class CostGovernor:
         plan.settled = True
         p = plan.price
         if usage:
-            plan.actual = actual_micro(usage, p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+            try:
+                plan.actual = actual_micro(usage, p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+            except ValueError:
+                plan.actual = plan.estimate  # malformed usage (negative, bool): bill the bound, never zero
         else:
             out_tokens = self.tokens.count_text(plan.model, streamed_text) if streamed_text else 0
             plan.actual = cost_micro(plan.prompt_tokens, p.input_per_mtok) + cost_micro(out_tokens,

@@ -100,9 +100,16 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
     return out
 
 
+def _scoped_hash(ctx: RequestContext, v: CallVerdict) -> str:
+    # Conversation ids are chosen by clients, so two keys may send the same one: markers and approvals are
+    # per principal, or one key could spend another's human approval. The hash is fixed-length hex, so
+    # "<key id>:<hash>" cannot alias even though key ids may contain ":".
+    return f"{ctx.principal.key_id}:{v.args_hash or ''}"
+
+
 async def _first_time(store: Store, ctx: RequestContext, v: CallVerdict, fail_open: bool) -> bool:
     try:
-        return await store.mark_once(ctx.conversation, v.args_hash or "", ttl_s=7 * 86400)
+        return await store.mark_once(ctx.conversation, _scoped_hash(ctx, v), ttl_s=7 * 86400)
     except StoreUnavailable:
         ctx.degraded = True
         return fail_open
@@ -113,7 +120,7 @@ async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_t
     """True when a prior human approval covers exactly this call (consumed now); else record a pending one."""
     c, now = v.call, time.time()
     try:
-        prior = await store.approval_find(ctx.conversation, c.name, v.args_hash or "", now=now)
+        prior = await store.approval_find(ctx.conversation, c.name, _scoped_hash(ctx, v), now=now)
         if prior is not None and prior.status == "approved" and await store.approval_consume(prior.id, now=now):
             ctx.actions.append(f"approved:{c.name}")
             ctx.approval_ids.append(prior.id)
@@ -124,7 +131,7 @@ async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_t
             ctx.tool_outcomes.append((c.name, "held", v.rule_id, f"approval {prior.status}"))
             return False
         a = Approval(id="apr_" + os.urandom(8).hex(), principal=ctx.principal.key_id, team=ctx.principal.team or "",
-                     conversation=ctx.conversation, tool=c.name, args_hash=v.args_hash or "",
+                     conversation=ctx.conversation, tool=c.name, args_hash=_scoped_hash(ctx, v),
                      rule_id=v.rule_id or "", reason=v.reason, created_at=now, expires_at=now + approval_ttl_s,
                      status="pending", note=None, decided_by=None, decided_at=None)
         await store.approval_create(a)

@@ -56,7 +56,7 @@ class AppState:
         try:
             data = await self.upstreams.complete(target, body, raw, headers)
         except ProxyError as err:
-            self.telemetry.upstream_failed(span, err)
+            self.telemetry.upstream_done(span, error=err)
             raise
         self.telemetry.metrics.observe_upstream(target.route.name, time.perf_counter() - t0)
         if span is not None:

@@ -236,9 +236,8 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
     span = state.telemetry.upstream_span(ctx, target.model, headers)
     try:
         events = await state.upstreams.stream(target, body, forward_raw, headers)
-    except BaseException:
-        if span is not None:
-            span.end()
+    except BaseException as exc:
+        state.telemetry.upstream_done(span, error=exc)
         await state.cost.release(plan, now=time.time())
         raise
     relay = _Relay(state, ctx, eff, rctx, body, idem, client_usage)
@@ -255,8 +254,7 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
                 if out is not None:
                     relay.recorded.append(out)
                     yield out
-            if span is not None:
-                span.end()
+            state.telemetry.upstream_done(span, usage=relay.usage)
             ctx.add_usage(relay.usage)
             for ev in await relay.closing_events():
                 relay.recorded.append(ev)
@@ -271,6 +269,7 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
             yield sse_error_event(error, ctx.decision_id)
         finally:
             # Runs on success, on error and when the client goes away (CancelledError / GeneratorExit).
+            state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
             settle = state.cost.settle(plan, ctx.usage or None, streamed_text="".join(relay.text), now=time.time())
             task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, completed, error, settle))
             state.background.append(task)

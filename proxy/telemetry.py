@@ -77,7 +77,8 @@ class Telemetry:
         ctx.span = self.tracing.start_server_span(
             f"chat {ctx.model_asked}", parent,
             {sc.GEN_AI_OPERATION_NAME: "chat", sc.GEN_AI_REQUEST_MODEL: ctx.model_asked,
-             sc.GUARDPROXY_DECISION_ID: ctx.decision_id},
+             sc.GUARDPROXY_DECISION_ID: ctx.decision_id, "http.request.method": "POST",
+             "http.route": ctx.route},
             conversation_id=ctx.conversation or None)
 
     def _decision_span(self, ctx: RequestContext, name: str, d: Decision) -> None:
@@ -108,11 +109,18 @@ class Telemetry:
         return span
 
     @staticmethod
-    def upstream_failed(span: Any, error: ProxyError) -> None:
-        """Mark an upstream attempt's span failed and end it (only the code: messages may quote upstream)."""
-        if span is not None:
-            mark_error(span, error.code)
-            span.end()
+    def upstream_done(span: Any, *, usage: Mapping[str, Any] | None = None,
+                      error: BaseException | None = None) -> None:
+        """End an upstream attempt's span (idempotent: an ended span is left alone), with the usage the
+        upstream reported, or marked failed with the error code only (messages may quote the upstream)."""
+        if span is None or not span.is_recording():
+            return
+        if usage:
+            span.set_attributes({sc.GEN_AI_USAGE_INPUT_TOKENS: int(usage.get("prompt_tokens") or 0),
+                                 sc.GEN_AI_USAGE_OUTPUT_TOKENS: int(usage.get("completion_tokens") or 0)})
+        if error is not None:
+            mark_error(span, error.code if isinstance(error, ProxyError) else type(error).__name__)
+        span.end()
 
     # -- opt-in content capture (telemetry.capture_content) -----------------------
     def record_input(self, ctx: RequestContext, messages: Any) -> None:
@@ -127,6 +135,7 @@ class Telemetry:
 
     # -- the end of a request --------------------------------------------------
     def finish(self, ctx: RequestContext, error: ProxyError | None = None) -> None:
+        """Record the request once it is decided: metrics, the server span's outcome, the audit line."""
         seconds = time.perf_counter() - ctx.started
         status = error.status if error is not None else ctx.status
         m = self.metrics
@@ -229,15 +238,16 @@ def label_vocabulary(compiled: CompiledPolicySet) -> tuple[frozenset[str], froze
     """(tool names, rule ids) a policy set can put on a decision: the ids written in the policies
     plus the ones the evaluator derives from them (``{policy}:tools``, ``{policy}:models.params.x``)."""
     tools: set[str] = set()
-    rules = {"once_per_conversation", "tools.invalid_name"}
+    rules = {"once_per_conversation", "tools.invalid_name", "output:schema"}
     for cp in compiled.policies:
         pol, name = cp.policy, cp.name
         tools.update(pol.tools.allow)
         tools.update(t for t in pol.tools.deny if not any(ch in t for ch in "*?["))
         if pol.tools.escalate_to:
             tools.add(pol.tools.escalate_to)
-        rules.update({f"{name}:tools", f"{name}:models.allow"})
+        rules.update({f"{name}:tools", f"{name}:models.allow", f"{name}:schema"})
         rules.update(f"{name}:models.params.{param}" for param in pol.models.params)
+        rules.update(f"{tool}:{what}" for tool in pol.tools.allow for what in ("schema", "arguments"))
         rules.update(r.id for spec in pol.tools.allow.values() for r in spec.rules)
         rules.update(r.id for r in pol.output.rules)
         rules.update(p.id for p in pol.output.deny_patterns)

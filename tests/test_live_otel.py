@@ -19,9 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import conftest
 import httpx
 import pytest
-from conftest import ADMIN_KEY, PLAY_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port, shipped_policies
+from conftest import ADMIN_KEY, PLAY_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
@@ -105,7 +106,7 @@ async def running_app(tmp: Path, *, exporter: str = "memory", extra_policies: di
     mock = MockUpstream()
     server, port = await start("127.0.0.1", 0, app=mock)
     (tmp / "policies").mkdir(parents=True)
-    for name, text in {**shipped_policies(), **(extra_policies or {})}.items():
+    for name, text in {**conftest.shipped_policies(), **(extra_policies or {})}.items():
         (tmp / "policies" / name).write_text(text)
     cfg = default_config(f"http://127.0.0.1:{port}/v1", 0)
     cfg["server"]["watch_policies"] = False
@@ -193,6 +194,8 @@ def test_tool_call_request_produces_the_full_span_tree(tmp_path: Path) -> None:
         "guardproxy.shadow.would": (),
         "guardproxy.cost.estimated_usd": estimate_micro / 1_000_000,
         "guardproxy.cost.actual_usd": 0.000012,
+        "http.request.method": "POST",
+        "http.route": "/v1/chat/completions",
         "http.response.status_code": 200,
     }
     assert h["x-guardproxy-actions"] == (
@@ -258,6 +261,50 @@ def test_a_repair_is_a_second_client_span(tmp_path: Path) -> None:
     assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (60, 11)
     assert [dict(e.attributes or {})["outcome"] for e in server.events] == ["allowed"]
     assert len(by_name(spans, "policy.response")) == 1
+
+
+async def server_spans(app: App, n: int) -> list[ReadableSpan]:
+    """The first ``n`` SERVER spans; a stream's span ends in a task after the last byte, so wait for it."""
+    for _ in range(500):
+        found = [s for s in app.spans() if s.kind == SpanKind.SERVER]
+        if len(found) >= n:
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {n} server spans, got {len(found)}")
+
+
+def test_streamed_request_spans(tmp_path: Path) -> None:
+    async def scenario(app: App) -> tuple[list[httpx.Response], list[ReadableSpan]]:
+        app.script({"tool_calls": [tool_call("apply_credit", {"customer_id": "c1", "amount": 60})],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 7}},
+                   {"content": TICKET, "chunk_chars": 4, "stream_fail_after": 2})
+        ok = await app.chat(model="gpt-4o-mini", max_tokens=64, stream=True,
+                            headers={"traceparent": TRACEPARENT})
+        broken = await app.chat(model="gpt-4o-mini", max_tokens=64, stream=True)
+        await server_spans(app, 2)
+        return [ok, broken], app.spans()
+
+    (ok, broken), spans = run(tmp_path, scenario)
+    assert ok.status_code == broken.status_code == 200
+    assert '"escalate_to_human"' in ok.text and '"error"' in broken.text
+    servers = sorted(by_name(spans, "chat gpt-4o-mini", SpanKind.SERVER), key=lambda s: s.start_time or 0)
+    clients = sorted(by_name(spans, "chat gpt-4o-mini", SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert len(servers) == len(clients) == 2
+    good, bad = servers
+    assert f"{good.context.trace_id:032x}" == TRACE_ID
+    a = dict(good.attributes or {})
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (12, 7)
+    assert a["gen_ai.response.finish_reasons"] == ("tool_calls",)
+    assert a["guardproxy.actions"] == ("escalated:apply_credit",)
+    assert [dict(e.attributes or {})["outcome"] for e in good.events] == ["escalated"]
+    assert clients[0].parent is not None and clients[0].parent.span_id == good.context.span_id
+    c = dict(clients[0].attributes or {})
+    assert (c["gen_ai.usage.input_tokens"], c["gen_ai.usage.output_tokens"]) == (12, 7)
+    assert clients[0].status.status_code == StatusCode.UNSET
+    # The stream that broke midway: both its spans end, marked failed.
+    for s in (bad, clients[1]):
+        assert s.status.status_code == StatusCode.ERROR
+        assert (s.attributes or {})["error.type"] == "upstream_error"
 
 
 def test_second_turn_links_to_the_first(tmp_path: Path) -> None:
@@ -336,6 +383,29 @@ def test_tracing_off_builds_no_sdk_objects_and_sends_no_traceparent(tmp_path: Pa
     line = json.loads((tmp_path / "audit.log").read_text().splitlines()[-1])
     assert (line["trace_id"], line["span_id"]) == (None, None)
     assert line["decision_id"] == resp.headers["x-guardproxy-decision-id"]
+
+
+def test_otel_env_fills_what_the_config_leaves_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+
+    def settings(telemetry: dict[str, Any]) -> TracingSettings:
+        cfg = default_config("http://127.0.0.1:9/v1", 0)
+        cfg["telemetry"] = telemetry
+        state = build_state(Config.model_validate({**cfg, "base_dir": str(tmp_path)}))
+        state.telemetry.tracing.shutdown()
+        return state.telemetry.tracing.settings
+
+    from_env = settings({})
+    assert (from_env.exporter, from_env.service_name, from_env.endpoint) == (
+        "otlp", "from-env", "http://collector:4318/v1/traces")
+    given = settings({"exporter": "none", "service_name": "gp", "endpoint": "http://c:4318/v1/traces"})
+    assert (given.exporter, given.service_name, given.endpoint) == ("none", "gp", "http://c:4318/v1/traces")
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER")
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    default = settings({})
+    assert (default.exporter, default.service_name) == ("none", "guardproxy")
 
 
 # --- /metrics ---------------------------------------------------------------------------------------

@@ -32,13 +32,18 @@ PROMPT = "PROMPT-SENTINEL-3be1 my account password is hunter2"
 SENTINEL_PARTS = ("SENTINEL-4c1d9e", "SENTINEL-77ab02", "SENTINEL-0f3e55", "SENTINEL-9a9a11",
                   "PROMPT-SENTINEL")
 
-# A policy for the caller: any tool allowed, free text (no pinned output schema).
+# A policy for the caller: any tool allowed but delete_*, lookup's arguments schema-checked, free text.
 OPEN = """
 apiVersion: guardproxy/v1
 kind: Policy
 metadata: {name: open}
 match: {all: true}
-tools: {default: allow, deny: ["delete_*"]}
+tools:
+  default: allow
+  deny: ["delete_*"]
+  allow:
+    lookup:
+      schema: {type: object, properties: {q: {type: number}}}
 """
 
 
@@ -118,7 +123,7 @@ def _drive(t: Transcript, mock: Mock) -> None:
     mock.reset()
     # happy paths: chat, a tool call, a stream, admin and info routes
     mock.script({"content": "fine", "usage": {"prompt_tokens": 9, "completion_tokens": 2}},
-                {"tool_calls": [{"name": "lookup", "arguments": json.dumps({"q": PROMPT})}]})
+                {"tool_calls": [{"name": "search", "arguments": json.dumps({"q": PROMPT})}]})
     assert t.chat().status_code == 200
     assert t.chat().status_code == 200
     mock.script({"content": "streamed answer", "chunk_chars": 4})
@@ -146,6 +151,10 @@ def _drive(t: Transcript, mock: Mock) -> None:
                      headers={"content-type": "application/json"}).status_code == 400
     mock.script({"tool_calls": [{"name": "delete_everything", "arguments": "{}"}]})
     assert t.chat().status_code == 200
+    # arguments that fail their schema, twice (the repair fails too): errors are recorded, values masked
+    mock.script(*[{"tool_calls": [{"name": "lookup", "arguments": json.dumps({"q": PROMPT})}]}] * 2)
+    denied = t.chat()
+    assert denied.status_code == 200 and "schema_denied:lookup" in denied.headers["x-guardproxy-actions"]
     # upstream errors, one of them echoing the upstream key back (as real providers do)
     mock.script({"status": 401, "error_message": f"Incorrect API key provided: {UPSTREAM_SECRET}",
                  "error_type": "invalid_request_error"})
@@ -200,6 +209,7 @@ def test_no_secret_or_prompt_in_any_output(exporter: str, make_proxy: Callable[.
     audit = (proxy.dir / "audit.log").read_text()
     lines = [json.loads(x) for x in audit.splitlines()]
     assert len(lines) >= 10 and any(x.get("error_code") == "upstream_error" for x in lines)
+    assert any(e.startswith("lookup: ") for x in lines for e in x.get("errors") or ())
     if exporter == "console":
         assert '"name": "chat gpt-4o-mini"' in log  # the spans are really in the log being checked
         spans = log
