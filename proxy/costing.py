@@ -123,7 +123,9 @@ class CostGovernor:
         prompt = self._count(route_name, body)
         when = datetime.fromtimestamp(now, UTC)
         owners = {"key_id": principal.key_id, "team": principal.team, "org": principal.org,
-                  "conversation": conversation, "now": when}
+                  # conversation ids are chosen by clients: scope the counter to the key so two keys
+                  # reusing one id never share (or see) each other's conversation spend
+                  "conversation": f"{principal.key_id}/{conversation}", "now": when}
         specs = ceilings_for(eff, **owners) if eff else []  # type: ignore[arg-type]
         # Spend is also tracked per key, team and conversation where no ceiling limits it, for reporting.
         limited = {s.key for s in specs}

@@ -162,7 +162,7 @@ def test_ladder_downgrades_then_compresses_then_refuses(gov: Proxy, mock_upstrea
     assert err["budget"]["spent_usd"] == "0.011000"
     assert err["budget"]["limit_usd"] == "0.010000"
     assert len(mock_upstream.calls()) == calls_before
-    assert _spend(gov, f"conversation:{cid}") == 11000
+    assert _spend(gov, f"conversation:cost-ladder/{cid}") == 11000
 
 
 # --- static compression ---------------------------------------------------------------------------------------
@@ -213,7 +213,20 @@ def test_non_streamed_request_settles_to_reported_usage(gov: Proxy, mock_upstrea
     raw = _ask(gov, PLAIN_KEY, cid, "gpt-4o-mini", [{"role": "user", "content": "hi"}], max_tokens=4000)
     assert raw.headers["x-guardproxy-cost-usd"] == "0.000450"
     assert "x-guardproxy-cost-estimate" not in raw.headers
-    assert _spend(gov, f"conversation:{cid}") == 450
+    assert _spend(gov, f"conversation:cost-plain/{cid}") == 450
+
+
+def test_malformed_usage_is_billed_at_the_estimate(gov: Proxy, mock_upstream: Mock) -> None:
+    cid = _cid("bad-usage")
+    messages = [{"role": "user", "content": "hi"}]
+    mock_upstream.script({"content": "x", "usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                                    "prompt_tokens_details": {"cached_tokens": -5}}})
+    raw = _ask(gov, PLAIN_KEY, cid, "gpt-4o-mini", messages, max_tokens=100)
+    assert raw.status_code == 200
+    # the reserved bound: prompt at $0.15/M + 100 output tokens at $0.60/M, rounded up to the µ$
+    estimate = -(-(_o200k_prompt_tokens(messages) * 150_000 + 100 * 600_000) // 1_000_000)
+    assert _micro(raw.headers["x-guardproxy-cost-usd"]) == estimate
+    assert _spend(gov, f"conversation:cost-plain/{cid}") == estimate
 
 
 @pytest.mark.parametrize("client_usage", [True, False])
@@ -235,12 +248,12 @@ def test_streamed_request_settles_to_reported_usage(gov: Proxy, mock_upstream: M
     else:
         assert usage == []  # the proxy asked upstream for usage, but does not pass it on unasked
     assert mock_upstream.calls()[-1]["body"]["stream_options"] == {"include_usage": True}
-    assert _wait_spend(gov, f"conversation:{cid}") == 4500
+    assert _wait_spend(gov, f"conversation:cost-plain/{cid}") == 4500
 
 
 def test_client_disconnect_mid_stream_is_still_charged(gov: Proxy, mock_upstream: Mock) -> None:
     cid = _cid("disconnect")
-    counter = f"conversation:{cid}"
+    counter = f"conversation:cost-plain/{cid}"
     mock_upstream.script({"content": "word " * 200, "chunk_chars": 5, "chunk_delay_ms": 50,
                           "usage": {"prompt_tokens": 5000, "completion_tokens": 1000}})
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "tell me a long story"}],
@@ -298,7 +311,7 @@ def test_concurrent_requests_never_overspend(gov: Proxy, mock_upstream: Mock, co
     mock_upstream.script(*[{"content": "fine", "delay_ms": 200,
                             "usage": {"prompt_tokens": 12, "completion_tokens": completion_tokens}}] * 50)
 
-    async def one(client: Any, i: int) -> tuple[int, str | None, httpx.Response | None]:
+    async def one(client: Any, i: int) -> tuple[int, str | None, Any]:
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model="priced-model", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=1000,
@@ -307,7 +320,7 @@ def test_concurrent_requests_never_overspend(gov: Proxy, mock_upstream: Mock, co
             return e.status_code, None, e.response
         return raw.status_code, raw.headers["x-guardproxy-cost-usd"], None
 
-    async def run() -> list[tuple[int, str | None, httpx.Response | None]]:
+    async def run() -> list[tuple[int, str | None, Any]]:
         async with gov.aclient(key) as client:
             return await asyncio.gather(*(one(client, i) for i in range(50)))
 

@@ -1,7 +1,7 @@
 """Live-server tests of shared state: idempotency, human approvals, shared budgets and store outages.
 
 Idempotency and approvals run against both store backends (``memory`` and a real Redis, db 14,
-flushed first). The Redis-only tests run three ``guardproxy serve`` replicas sharing one Redis (a
+with key ids unique to the run). The Redis-only tests run three ``guardproxy serve`` replicas sharing one Redis (a
 budget admits exactly ten requests across all of them; an approval given on one replica is honoured
 on another), a proxy whose store is a dead port (fail_closed answers 503 ``state_unavailable``,
 fail_open serves and says ``x-guardproxy-degraded: true``), and ``--workers 2`` on the memory store,
@@ -26,6 +26,10 @@ import yaml
 from conftest import ADMIN_KEY, ROOT, Mock, Proxy, default_config, free_port
 
 REDIS14 = "redis://127.0.0.1:6379/14"
+# Key ids are unique per run: counters, markers and approvals of a concurrent run of this file (another
+# developer's suite on the same machine) can then never meet ours in the shared Redis db.
+RUN = uuid.uuid4().hex[:8]
+AGENT_ID, BUDGET_ID, OPEN_ID = f"state-agent-{RUN}", f"state-budget-{RUN}", f"state-open-{RUN}"
 DEAD = "redis://127.0.0.1:1/0"
 AGENT_KEY = "sk-state-agent"
 BUDGET_KEY = "sk-state-budget"
@@ -43,11 +47,11 @@ def _policy(name: str, key_id: str, **extra: Any) -> str:
 
 
 POLICIES = {
-    "agent.yaml": _policy("agent", "state-agent", tools={"default": "allow", "allow": {"transfer_funds": {"rules": [
+    "agent.yaml": _policy("agent", AGENT_ID, tools={"default": "allow", "allow": {"transfer_funds": {"rules": [
         {"id": "big-transfer-needs-approval", "when": "double(args.amount) > 100.0",
          "action": "require_approval", "reason": "transfers over $100 need a human"}]}}}),
-    "budget.yaml": _policy("budget", "state-budget", cost={"budgets": [{"scope": "key", "window": "day", "usd": 1}]}),
-    "open.yaml": _policy("open", "state-open", on_store_error="fail_open",
+    "budget.yaml": _policy("budget", BUDGET_ID, cost={"budgets": [{"scope": "key", "window": "day", "usd": 1}]}),
+    "open.yaml": _policy("open", OPEN_ID, on_store_error="fail_open",
                          tools={"default": "allow", "allow": {"transfer_funds": {"rules": [
                              {"id": "big-transfer-needs-approval", "when": "double(args.amount) > 100.0",
                               "action": "require_approval", "reason": "transfers over $100 need a human"}]}}}),
@@ -59,17 +63,19 @@ def _config(mock: Mock, store: str) -> dict[str, Any]:
     cfg["models"].append({"name": "priced-model", "upstream": "openai/priced-model", "api_base": mock.url,
                           "api_key": "sk-upstream-secret-not-for-clients",
                           "price": {"input_per_mtok": 0, "output_per_mtok": 100}})
-    cfg["keys"] = [{"id": "state-agent", "key": AGENT_KEY}, {"id": "state-budget", "key": BUDGET_KEY},
-                   {"id": "state-open", "key": OPEN_KEY}]
+    cfg["keys"] = [{"id": AGENT_ID, "key": AGENT_KEY}, {"id": BUDGET_ID, "key": BUDGET_KEY},
+                   {"id": OPEN_ID, "key": OPEN_KEY}]
     return cfg
 
 
 @pytest.fixture(scope="module")
 def redis14() -> Iterator[str]:
+    """db 14, checked reachable (a missing Redis is a failure, not a skip). Not flushed: ids unique per run
+    keep this run's state apart, and a flush would wipe a concurrent run's pending approvals; every key the
+    proxy writes carries a TTL."""
     r = redis.Redis.from_url(REDIS14)
-    r.flushdb()  # scripts/test and .ci/run start Redis; a missing one is a failure, not a skip
+    assert r.ping()
     yield REDIS14
-    r.flushdb()
     r.close()
 
 
@@ -111,22 +117,28 @@ def _idem_ask(p: Proxy, key: str, content: str = "hello") -> Any:
 
 def test_idempotent_retry_replays_without_upstream_call(backend: Proxy, mock_upstream: Mock) -> None:
     key = _uid("idem")
+    text = _uid("hello")  # a conversation of its own, so its spend counter starts empty
     mock_upstream.script({"content": "first and only", "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
-    first = _idem_ask(backend, key)
+    first = _idem_ask(backend, key, text)
     assert first.parse().choices[0].message.content == "first and only"
     assert "idempotent-replayed" not in first.headers
     assert len(mock_upstream.calls()) == 1
 
-    again = _idem_ask(backend, key)
+    counter = f"conversation:{AGENT_ID}/" + first.headers["x-guardproxy-conversation-id"]
+    spent = backend.get(f"/v1/spend?prefix={counter}", key=ADMIN_KEY).json()["data"]
+    assert [r["spend_usd"] for r in spent if r["counter"] == counter] == [first.headers["x-guardproxy-cost-usd"]]
+
+    again = _idem_ask(backend, key, text)
     assert again.headers["idempotent-replayed"] == "true"
     assert again.parse().id == first.parse().id
+    assert backend.get(f"/v1/spend?prefix={counter}", key=ADMIN_KEY).json()["data"] == spent  # charged once
     assert again.parse().choices[0].message.content == "first and only"
     assert again.headers["x-guardproxy-decision-id"] == first.headers["x-guardproxy-decision-id"]
     assert len(mock_upstream.calls()) == 1  # served from the store, not the model
 
     # keys are scoped to the caller: another principal's identical key and body is a new request
     other = backend.client(OPEN_KEY).chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], extra_headers={"Idempotency-Key": key})
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}], extra_headers={"Idempotency-Key": key})
     assert "idempotent-replayed" not in other.headers
     assert len(mock_upstream.calls()) == 2
 
@@ -234,7 +246,7 @@ def test_approved_call_passes_once_in_its_conversation(backend: Proxy, mock_upst
     assert listed[aid]["tool"] == "transfer_funds"
     assert listed[aid]["conversation"] == cid
     assert listed[aid]["rule_id"] == "big-transfer-needs-approval"
-    assert listed[aid]["principal"] == "state-agent"
+    assert listed[aid]["principal"] == AGENT_ID
     # asking again before a human decides keeps the same pending approval
     assert _assert_held(_transfer(backend, mock_upstream, cid, 500)) == aid
     assert backend.post(f"/admin/approvals/{aid}/approve", key=AGENT_KEY).status_code in (401, 403)
@@ -273,6 +285,19 @@ def test_rejected_call_stays_held(backend: Proxy, mock_upstream: Mock) -> None:
     assert flip.status_code == 409
     assert flip.json()["error"]["code"] == "approval_not_pending"
     assert backend.post("/admin/approvals/apr_doesnotexist/approve", key=ADMIN_KEY).status_code == 404
+
+
+def test_approval_is_not_usable_by_another_key_in_the_same_conversation(backend: Proxy, mock_upstream: Mock) -> None:
+    # conversation ids come from clients: a second key reusing one must not spend the first key's approval
+    cid = _uid("conv-shared")
+    aid = _assert_held(_transfer(backend, mock_upstream, cid, 800))
+    assert backend.post(f"/admin/approvals/{aid}/approve", key=ADMIN_KEY).status_code == 200
+    mock_upstream.script({"tool_calls": [{"name": "transfer_funds", "arguments": '{"amount": 800, "to": "acct-1"}'}]})
+    other = backend.client(OPEN_KEY).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=USER, tools=[TRANSFER], extra_headers={CONV: cid})
+    other_id = _assert_held(other)
+    assert other_id != aid
+    _assert_passed(_transfer(backend, mock_upstream, cid, 800), 800)  # still there for its own key
 
 
 def test_streamed_call_is_held_then_released(backend: Proxy, mock_upstream: Mock) -> None:
@@ -331,7 +356,7 @@ def test_replicas_share_one_budget(replicas: list[Proxy], mock_upstream: Mock) -
     assert len(mock_upstream.calls()) == len(served)
     total = sum(int(c.replace(".", "")) for c in served if c is not None)
     for p in replicas:  # every replica reads the same counter
-        rows = p.get("/v1/spend?prefix=key:state-budget:", key=ADMIN_KEY).json()["data"]
+        rows = p.get(f"/v1/spend?prefix=key:{BUDGET_ID}:", key=ADMIN_KEY).json()["data"]
         assert len(rows) == 1
         assert int(rows[0]["spend_usd"].replace(".", "")) == total <= 1_000_000
 
