@@ -158,8 +158,8 @@ def make_proxy(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) ->
         log = d / "serve.log"
         penv = {**os.environ, **(env or {})}
         with log.open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(d / "guardproxy.yaml")],
-                                    cwd=d, stdout=fh, stderr=subprocess.STDOUT, env=penv)
+            cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(d / "guardproxy.yaml")]
+            proc = subprocess.Popen(cmd, cwd=d, stdout=fh, stderr=subprocess.STDOUT, env=penv)
         root = f"http://127.0.0.1:{port}"
         _wait_http(f"{root}/healthz", proc)
         p = Proxy(f"{root}/v1", root, proc, d, log)
