@@ -64,8 +64,8 @@ def wrk(url: str, script: Path, *, connections: int, seconds: float, pid: int | 
     cpu1 = cpu_seconds(pid) if pid else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"(?m)^\s+50%\s+(\S+)$", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"(?m)^\s+99%\s+(\S+)$", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"(?m)^\s+50%\s+(\S+)\s*$", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"(?m)^\s+99%\s+(\S+)\s*$", out).group(1))  # type: ignore[union-attr]
     errors = 0
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(m.group(1))

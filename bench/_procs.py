@@ -126,7 +126,8 @@ def start(name: str, cmd: list[str], *, port: int, health: str, logdir: Path, cw
     server = Server(name, proc, root, log)
     try:
         wait_http(root + health, proc, timeout)
-    except BaseException:
+    except BaseException as exc:
         server.stop()
-        raise RuntimeError(f"{name} failed to start; see {log}:\n{log.read_text(errors='replace')[-2000:]}")
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name} failed to start; see {log}:\n{tail}") from exc
     return server

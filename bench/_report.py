@@ -21,7 +21,9 @@ def _row(c: dict[str, Any], tag: str) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.1f}x"
+    if not a or not b:
+        return "-"
+    return f"{a / b:.1f}x" if a >= b else f"{a / b:.3f}x"
 
 
 def render(res: dict[str, Any]) -> str:
@@ -44,13 +46,18 @@ def render(res: dict[str, Any]) -> str:
         return ((by.get(name) or {}).get("0.4KB@1") or {}).get("p50_ms")
 
     d = p50("direct")
-    overhead = {n: (p50(n) - d) if p50(n) is not None and d is not None else None for n in by}
+    overhead: dict[str, float] = {}
+    for n in by:
+        v = p50(n)
+        if v is not None and d is not None:
+            overhead[n] = v - d
     out += ["", "Ratios and overheads:", "",
             f"- guardproxy full policy (memory) / LiteLLM req/s: {_ratio(rps('gp-mem'), rps('litellm'))}",
+            f"- same, tracing off / LiteLLM req/s: {_ratio(rps('gp-policies'), rps('litellm'))}",
             f"- guardproxy full policy (Redis) / LiteLLM req/s: {_ratio(rps('gp-redis'), rps('litellm'))}",
             f"- guardproxy full policy (memory) / direct req/s: {_ratio(rps('gp-mem'), rps('direct'))}",
             "- p50 overhead over direct at 1 connection: " + ", ".join(
-                f"{n} {v:+.2f} ms" for n, v in overhead.items() if v is not None and n != "direct")]
+                f"{n} {v:+.2f} ms" for n, v in overhead.items() if n != "direct")]
     sized = [c for c in cs if any(k.startswith(("20KB", "400KB")) for k in c)]
     if sized:
         out += ["", "Body size (long histories; the support policy compresses prompts above 4000 tokens to "
@@ -70,7 +77,8 @@ def render(res: dict[str, Any]) -> str:
         for c in res["scaling"]:
             a = c.get("0.4KB@32") or {}
             out.append(f"| {c['label']} | {_f(a.get('rps'))} | {_f(a.get('p50_ms'), '{:.2f}')} | "
-                       f"{_f(a.get('p99_ms'), '{:.2f}')} | {_f(a.get('cpu_us_per_req'))} | {_f(c.get('peak_rss_mb'))} |")
+                       f"{_f(a.get('p99_ms'), '{:.2f}')} | {_f(a.get('cpu_us_per_req'))} | "
+                       f"{_f(c.get('peak_rss_mb'))} |")
     for note in res.get("notes", []):
         out += ["", f"Note: {note}"]
     out += ["", TARGETS]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from _procs import Server, free_port, start
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,9 +27,10 @@ from rules.evaluate import Principal, evaluate_request  # noqa: E402
 from rules.evaluate_response import ResponseContext, evaluate_response  # noqa: E402
 from rules.schemas import SchemaCache  # noqa: E402
 
-TICKET_TOOL = {"type": "function", "function": {"name": "get_ticket_history", "description": "Ticket history",
-               "parameters": {"type": "object", "properties": {"ticket_id": {"type": "string"}},
-                              "required": ["ticket_id"], "additionalProperties": False}}}
+TICKET_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"ticket_id": {"type": "string"}},
+                                 "required": ["ticket_id"], "additionalProperties": False}
+TICKET_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "get_ticket_history", "description": "Ticket history", "parameters": TICKET_SCHEMA}}
 CREDIT_TOOL = {"type": "function", "function": {"name": "apply_credit", "parameters": {"type": "object"}}}
 BODY: dict[str, Any] = {
     "model": "gpt-4o-mini", "max_tokens": 256, "temperature": 0.7,
@@ -61,7 +62,7 @@ def main() -> None:
         raise SystemExit("policies failed to compile:\n" + "\n".join(map(str, errors)))
     principal = Principal("support-agent", "support")
     eff = compiled.for_principal(principal.key_id, principal.team)
-    declared = {"get_ticket_history": SchemaCache().get(TICKET_TOOL["function"]["parameters"])}
+    declared = {"get_ticket_history": SchemaCache().get(TICKET_SCHEMA)}
     rctx = ResponseContext(principal, "gpt-4o-mini", declared)
     request = evaluate_request(eff, BODY, principal, now=0.0)
     print(f"support-agent + org-base, revision {compiled.revision}; request decision: {request.effect} "
@@ -70,8 +71,12 @@ def main() -> None:
     print(f"  {'evaluate_request (strip delete_account, clamp temperature)':<58} {req_us:8.2f} µs")
     for label, (calls, content) in CASES.items():
         decision = evaluate_response(eff, calls, content, rctx, now=0.0)
-        resp_us = per_call_us(lambda c=calls, t=content: evaluate_response(eff, c, t, rctx, now=0.0), args.number)
-        verdicts = [v.verdict for v in decision.calls] or [decision.output.verdict if decision.output else "-"]
+        def respond(c: list[ToolCallIn] = calls, t: str | None = content) -> object:
+            return evaluate_response(eff, c, t, rctx, now=0.0)
+
+        resp_us = per_call_us(respond, args.number)
+        verdicts: list[str] = [v.verdict for v in decision.calls] or [
+            decision.output.verdict if decision.output else "-"]
         print(f"  {'evaluate_response: ' + label:<58} {resp_us:8.2f} µs  ({'/'.join(verdicts)})")
         print(f"  {'  request + response per request':<58} {req_us + resp_us:8.2f} µs  (target < 50 µs)")
 

@@ -35,8 +35,21 @@ from _load import WrkResult, lua_script, ttft, wrk  # noqa: E402
 from _procs import Server, peak_rss_mb  # noqa: E402
 from _report import render  # noqa: E402
 from _setup import (  # noqa: E402
-    LITELLM_KEY, PASS_KEY, PLAY_KEY, REDIS_URL, ROOT, SUPPORT_KEY, GpVariant, body_bytes, litellm_available,
-    start_guardproxy, start_litellm, start_mock, start_sink, stream_body, tool_body,
+    LITELLM_KEY,
+    PASS_KEY,
+    PLAY_KEY,
+    REDIS_URL,
+    ROOT,
+    SUPPORT_KEY,
+    GpVariant,
+    body_bytes,
+    litellm_available,
+    start_guardproxy,
+    start_litellm,
+    start_mock,
+    start_sink,
+    stream_body,
+    tool_body,
 )
 
 FULL = ("org-base.yaml", "support-agent.yaml")
@@ -175,10 +188,13 @@ def main() -> None:
         print("streaming time to first token", flush=True)
         text, tools = body_bytes(stream_body(False)), body_bytes(stream_body(True))
         ttfts: dict[str, Any] = {}
-        cases = [("direct", "text", text, SUPPORT_KEY), ("gp-mem", "text (playground key: org-base)", text, PLAY_KEY),
+        cases = [("direct", "text", text, SUPPORT_KEY),
+                 ("gp-mem", "text (playground key: org-base)", text, PLAY_KEY),
                  ("gp-pass", "text (no policy)", text, PASS_KEY),
-                 ("direct", "tool call", tools, SUPPORT_KEY), ("gp-mem", "tool call (support-agent)", tools, SUPPORT_KEY),
-                 ("litellm", "text", text, LITELLM_KEY), ("litellm", "tool call", tools, LITELLM_KEY)]
+                 ("litellm", "text", text, LITELLM_KEY),
+                 ("direct", "tool call", tools, SUPPORT_KEY),
+                 ("gp-mem", "tool call (support-agent)", tools, SUPPORT_KEY),
+                 ("litellm", "tool call", tools, LITELLM_KEY)]
         for name, what, raw, key in cases:
             if name in by:
                 ttfts[f"{name}: {what}"] = r = ttft(by[name].url, raw, key, n=n_ttft)

@@ -9,6 +9,7 @@ in front of an exporter that drops the batch. Usage: ``python bench/serve_traced
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -53,9 +54,10 @@ def main() -> None:
     config = load_config(sys.argv[1])
     state = build_state(config)
     # "memory" only selects the SDK branch of Tracing.__init__; _processor above replaces the exporter.
-    state.telemetry.tracing = NoExportTracing(TracingSettings(exporter="memory",
-                                                              service_name=config.telemetry.service_name))
+    settings = TracingSettings(exporter="memory", service_name=config.telemetry.service_name or "guardproxy")
+    state.telemetry.tracing = NoExportTracing(settings)
     app = create_app(config, state=state)
+    gc.freeze()  # as guardproxy serve does
     uvicorn.run(app, host=config.server.host, port=config.server.port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
