@@ -14,6 +14,7 @@ SSE error event; a client that disconnects is still charged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -242,8 +243,21 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
         raise
     relay = _Relay(state, ctx, eff, rctx, body, idem, client_usage)
     resp_headers = ctx.headers()
+    started = False
+
+    def cleanup(completed: bool, error: ProxyError | None) -> None:
+        # Runs on success, on error and when the client goes away (CancelledError / GeneratorExit), and also
+        # when the client left before the first byte (the body generator never started): settle in a task,
+        # since the request's own task may be cancelled.
+        state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
+        settle = state.cost.settle(plan, ctx.usage or None, streamed_text="".join(relay.text), now=time.time())
+        task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, completed, error, settle, events))
+        state.background.append(task)
+        task.add_done_callback(lambda t: state.background.remove(t) if t in state.background else None)
 
     async def gen() -> AsyncIterator[bytes]:
+        nonlocal started
+        started = True
         completed = False
         error: ProxyError | None = None
         try:
@@ -268,18 +282,35 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
             error = ProxyError("upstream_error", "upstream sent a malformed stream chunk")
             yield sse_error_event(error, ctx.decision_id)
         finally:
-            # Runs on success, on error and when the client goes away (CancelledError / GeneratorExit).
-            state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
-            settle = state.cost.settle(plan, ctx.usage or None, streamed_text="".join(relay.text), now=time.time())
-            task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, completed, error, settle))
-            state.background.append(task)
-            task.add_done_callback(lambda t: state.background.remove(t) if t in state.background else None)
+            cleanup(completed, error)
 
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=resp_headers)
+    def never_started() -> None:
+        if not started:
+            cleanup(False, None)
+
+    return _GuardedStream(gen(), never_started, media_type="text/event-stream", headers=resp_headers)
+
+
+class _GuardedStream(StreamingResponse):
+    """A streaming response that still settles and closes upstream if the body was never iterated."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 async def _finish(state: AppState, ctx: RequestContext, idem: IdemHandle, relay: _Relay, headers: dict[str, str],
-                  completed: bool, error: ProxyError | None, settle: Any) -> None:
+                  completed: bool, error: ProxyError | None, settle: Any, events: Any) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()  # releases the upstream connection now rather than at garbage collection
     await settle
     if completed:
         await idem.complete_stream(200, {k: v for k, v in headers.items()}, relay.recorded)
