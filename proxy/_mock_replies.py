@@ -61,6 +61,11 @@ class ScriptedReply(BaseModel):
     chunk_delay_ms: int = Field(default=0, ge=0)
     chunk_chars: int | None = Field(default=None, ge=1)
     model: str | None = None
+    # Hostile-model scripting: fields merged over the rendered message (non-streamed), extra choices
+    # appended after choice 0, and raw deltas streamed before the finishing chunk.
+    raw_message: dict[str, Any] | None = None
+    extra_choices: tuple[Any, ...] = ()
+    raw_deltas: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,9 @@ class Plan:
     usage: dict[str, Any]
     legacy_functions: bool
     chunk_chars: int
+    raw_message: dict[str, Any] | None = None
+    extra_choices: tuple[Any, ...] = ()
+    raw_deltas: tuple[dict[str, Any], ...] = ()
 
 
 def _text_of(content: Any) -> str:
@@ -237,6 +245,9 @@ def build_plan(body: dict[str, Any], reply: ScriptedReply | None) -> Plan:
         usage=_usage(body, content, calls, reply.usage if reply else None),
         legacy_functions=legacy,
         chunk_chars=(reply.chunk_chars if reply and reply.chunk_chars else DEFAULT_CHUNK_CHARS),
+        raw_message=reply.raw_message if reply else None,
+        extra_choices=reply.extra_choices if reply else (),
+        raw_deltas=reply.raw_deltas if reply else (),
     )
 
 
@@ -259,6 +270,8 @@ def render_completion(plan: Plan, token: str, created: int) -> bytes:
             }
             for i, c in enumerate(plan.tool_calls)
         ]
+    if plan.raw_message is not None:
+        message = {**message, **plan.raw_message}
     return orjson.dumps(
         {
             "id": "chatcmpl-" + token,
@@ -266,7 +279,8 @@ def render_completion(plan: Plan, token: str, created: int) -> bytes:
             "created": created,
             "model": plan.model,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason},
+                *plan.extra_choices,
             ],
             "usage": plan.usage,
         }
@@ -312,6 +326,7 @@ def render_stream(plan: Plan, token: str, created: int, include_usage: bool) -> 
                 event({"tool_calls": [{"index": i, "function": {"arguments": f}}]})
                 for f in _fragments(c.arguments, 3)
             )
+    events.extend(event(d) for d in plan.raw_deltas)
     events.append(event({}, plan.finish_reason))
     if include_usage:
         events.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": plan.usage}) + b"\n\n")

@@ -18,8 +18,8 @@ from proxy.body import read_json_body, validate_chat_body
 from proxy.costing import conversation_id
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
-from proxy.respond import dumps, extract_calls, repair_body, resolve_calls, rewrite_message
-from rules.evaluate import evaluate_request
+from proxy.respond import dumps, extract_calls, message_text, repair_body, resolve_calls, rewrite_message
+from rules.evaluate import evaluate_request, printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
 from rules.schemas import SchemaDefinitionError
 
@@ -80,8 +80,14 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
             raise ProxyError(r.code, f"{r.message} (rule {r.rule_id})", param=r.param)
         body = decision.body if decision.body is not None else body
         forward_raw: bytes | None = raw if not decision.changed else None
+        if ctx.stream and isinstance(body.get("n"), int) and body["n"] > 1:
+            raise ProxyError("invalid_request", "n > 1 is not supported with stream: true on this proxy", param="n")
+        # Built before the reservation: a bad declared schema is a 400 that must not hold budget.
+        rctx = response_context(state, eff, ctx, body)
         plan, costed = await state.cost.admit(eff.cost, ctx.principal, ctx.conversation, body["model"], body,
-                                              fail_open=eff.fail_open, now=now)
+                                              fail_open=eff.fail_open, now=now,
+                                              model_allowed=lambda m: all(
+                                                  shadow or m in allowed for _, shadow, allowed in eff.model_gates))
         ctx.plan = plan
         if costed is not body:
             body, forward_raw = costed, None
@@ -92,7 +98,6 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
         if plan.compressed:
             ctx.actions.append(f"compressed:{plan.compressed[0]}->{plan.compressed[1]}")
             state.telemetry.metrics.compression()
-        rctx = response_context(state, eff, ctx, body)
         if ctx.stream:
             from proxy.stream import stream_response
 
@@ -100,7 +105,10 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
         try:
             resp = await _complete(state, ctx, eff, rctx, body, forward_raw)
         except BaseException:
-            await state.cost.release(plan, now=time.time())
+            if ctx.usage:  # the upstream answered (and billed) before the request failed: charge it
+                await state.cost.settle(plan, ctx.usage, now=time.time())
+            else:
+                await state.cost.release(plan, now=time.time())
             raise
         await idem.complete(resp)
         return resp
@@ -137,7 +145,11 @@ def response_context(state: AppState, eff: Effective, ctx: RequestContext, body:
     if isinstance(rf, dict) and rf.get("type") == "json_schema":
         js = rf.get("json_schema")
         if isinstance(js, dict) and isinstance(js.get("schema"), dict):
-            response_schema = state.schema_cache.get(js["schema"])
+            try:
+                response_schema = state.schema_cache.get(js["schema"])
+            except SchemaDefinitionError as exc:
+                raise ProxyError("invalid_request", f"response_format declares an invalid JSON schema: {exc}",
+                                 param="response_format") from None
     cfg = state.config.server
     return ResponseContext(ctx.principal, str(body.get("model")), declared, response_schema,
                            max_depth=cfg.json_max_depth, max_string=cfg.json_max_string)
@@ -156,8 +168,9 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ProxyError("upstream_error", "upstream response has no choices")
-        message = choices[0].get("message") or {}
-        decision = evaluate_response(eff, extract_calls(message), message.get("content"), rctx, now=time.time())
+        message = _message_of(choices[0])
+        text, other_text = message_text(message)
+        decision = evaluate_response(eff, extract_calls(message), text, rctx, now=time.time(), other_text=other_text)
         if repairs_left is None:
             repairs_left = max([v.max_repairs for v in decision.calls if v.verdict == "invalid"
                                 and v.on_invalid == "repair"]
@@ -173,19 +186,20 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
             ctx.errors.extend(decision.errors)
             for v in decision.calls:
                 if v.verdict == "invalid":
-                    ctx.actions.append(f"repair_requested:{v.call.name}")
+                    ctx.actions.append(f"repair_requested:{printable_name(v.call.name)}")
             if decision.output is not None and decision.output.verdict == "invalid":
                 ctx.actions.append("repair_requested:output")
             attempt_body, forward_raw = repair_body(body, message, decision), None
             state.telemetry.metrics.repair("attempted")
             continue
         if ctx.repairs:
-            outcome = "succeeded" if decision.effect != "deny" and not any(
-                v.verdict == "invalid" for v in decision.calls) else "exhausted"
+            still_invalid = any(v.verdict == "invalid" for v in decision.calls) or (
+                decision.output is not None and decision.output.verdict == "invalid")
+            outcome = "succeeded" if decision.effect != "deny" and not still_invalid else "exhausted"
             state.telemetry.metrics.repair(outcome)
             if outcome == "succeeded":
                 for v in decision.calls:
-                    ctx.actions.append(f"repaired:{v.call.name}")
+                    ctx.actions.append(f"repaired:{printable_name(v.call.name)}")
                 if not decision.calls:
                     ctx.actions.append("repaired:output")
         break
@@ -194,11 +208,13 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
     await _apply(state, ctx, eff, decision, choices[0], message)
     if len(choices) > 1:
         for extra in choices[1:]:
-            if isinstance(extra, dict):
-                msg = extra.get("message") or {}
-                d = evaluate_response(eff, extract_calls(msg), msg.get("content"), rctx, now=time.time())
-                ctx.absorb(d)
-                await _apply(state, ctx, eff, d, extra, msg)
+            if not isinstance(extra, dict):
+                raise ProxyError("upstream_error", "upstream response has a malformed choice")
+            msg = _message_of(extra)
+            t, other = message_text(msg)
+            d = evaluate_response(eff, extract_calls(msg), t, rctx, now=time.time(), other_text=other)
+            ctx.absorb(d)
+            await _apply(state, ctx, eff, d, extra, msg)
     if ctx.usage:
         data["usage"] = ctx.usage if ctx.repairs else data.get("usage", ctx.usage)
     await state.cost.settle(plan, ctx.usage or None, now=time.time())
@@ -209,6 +225,15 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
     return resp
 
 
+def _message_of(choice: Any) -> dict[str, Any]:
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if message is None:
+        return {}
+    if not isinstance(message, dict):
+        raise ProxyError("upstream_error", "upstream response has a malformed message")
+    return message
+
+
 async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision: Any, choice: dict[str, Any],
                  message: dict[str, Any]) -> None:
     out = decision.output
@@ -216,7 +241,7 @@ async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision:
         if out.verdict == "deny":
             raise ProxyError("policy_denied", f"output blocked by rule {out.rule_id}: {out.reason}")
         if out.verdict == "invalid":
-            if out.on_invalid == "escalate" and eff.escalate_to:
+            if out.on_invalid == "escalate" and eff.escalate_to and eff.tool_blocked(eff.escalate_to)[0] is None:
                 message["content"] = None
                 message["tool_calls"] = [{"id": "call_guardproxy_escalation", "type": "function", "function": {
                     "name": eff.escalate_to, "arguments": dumps({"reason": "invalid output: " + "; ".join(

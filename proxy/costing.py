@@ -11,6 +11,7 @@ I/O around it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -117,7 +118,8 @@ class CostGovernor:
         return self.tokens.count_messages(model, messages) + self.tokens.count_tools(model, body.get("tools"))
 
     async def admit(self, eff: EffectiveCost | None, principal: Principal, conversation: str, route_name: str,
-                    body: dict[str, Any], *, fail_open: bool, now: float) -> tuple[CostPlan, dict[str, Any]]:
+                    body: dict[str, Any], *, fail_open: bool, now: float,
+                    model_allowed: Callable[[str], bool] = lambda _m: True) -> tuple[CostPlan, dict[str, Any]]:
         """Price and estimate; apply the ladder; reserve. Raises 403/429/503 ProxyErrors."""
         price = self.price_of(route_name)
         prompt = self._count(route_name, body)
@@ -133,7 +135,7 @@ class CostGovernor:
         ceilings = _store_ceilings(specs)
         plan = CostPlan(price, route_name, prompt, 0, ceilings)
         if eff is not None and (eff.ladder or eff.compress is not None):
-            body = await self._ladder(eff, plan, body, now=now, fail_open=fail_open)
+            body = await self._ladder(eff, plan, body, now=now, fail_open=fail_open, model_allowed=model_allowed)
         ceilings.append(Ceiling(f"model:{plan.model}:day:{when.date().isoformat()}", UNLIMITED, 2 * 86400,
                                 "model", "day", None))
         bound, body = self._output_bound(body, plan.price, plan.model)
@@ -159,7 +161,7 @@ class CostGovernor:
         return plan, body
 
     async def _ladder(self, eff: EffectiveCost, plan: CostPlan, body: dict[str, Any], *, now: float,
-                      fail_open: bool) -> dict[str, Any]:
+                      fail_open: bool, model_allowed: Callable[[str], bool]) -> dict[str, Any]:
         try:
             used = await self.store.usage(plan.ceilings, now=now)
         except StoreUnavailable:
@@ -169,7 +171,8 @@ class CostGovernor:
         fill = fill_of((used.get(c.key, 0), c.limit) for c in plan.ceilings if c.limit < UNLIMITED)
         step = ladder_step(eff, fill)
         target_model = step.model_for(plan.model)
-        if target_model != plan.model and self.config.route(target_model) is not None:
+        # A downgrade only goes to a configured route that every enforcing policy also allows.
+        if target_model != plan.model and self.config.route(target_model) is not None and model_allowed(target_model):
             plan.downgraded_from = plan.model
             plan.model = target_model
             plan.price = self.price_of(target_model)

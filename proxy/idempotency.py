@@ -91,7 +91,8 @@ class Idempotency:
         if not key or len(key) > MAX_KEY:
             raise ProxyError("idempotency_key_too_long", f"Idempotency-Key must be 1 to {MAX_KEY} characters",
                              param="Idempotency-Key")
-        scoped = f"{ctx.principal.key_id}:{key}"
+        # length-prefixed: key ids may contain ":", and no (key id, key) pair may alias another
+        scoped = f"{len(ctx.principal.key_id)}:{ctx.principal.key_id}:{key}"
         body_hash = hashlib.sha256(raw).hexdigest()
         try:
             got = await self.store.idem_begin(scoped, body_hash, ttl_s=self.ttl_s, lock_s=self.lock_s)

@@ -151,22 +151,19 @@ def blocked_text(notes: list[str]) -> str:
 
 def rewrite_message(message: dict[str, Any], outcome: Outcome) -> str | None:
     """Apply ``outcome`` to a non-streamed assistant message in place; return a new finish_reason or None."""
-    legacy = any(k["legacy"] for k in outcome.kept) or ("function_call" in message and "tool_calls" not in message)
-    if outcome.kept:
-        if legacy:
-            k = outcome.kept[0]
-            message["function_call"] = {"name": k["name"], "arguments": k["arguments"]}
-        else:
-            originals = {tc.get("id"): tc for tc in message.get("tool_calls") or () if isinstance(tc, dict)}
-            calls = []
-            for k in outcome.kept:
-                tc = dict(originals.get(k["id"]) or {"id": k["id"], "type": "function"})
-                tc["function"] = {"name": k["name"], "arguments": k["arguments"]}
-                calls.append(tc)
-            message["tool_calls"] = calls
-        return None
+    # Both fields are rebuilt from the decided calls only: nothing the model sent (a denied call in the other
+    # field, extra keys such as ``custom`` blocks on a kept call) is copied through.
+    modern = [k for k in outcome.kept if not k["legacy"]]
+    legacy = [k for k in outcome.kept if k["legacy"]]
     message.pop("tool_calls", None)
     message.pop("function_call", None)
+    if modern:
+        message["tool_calls"] = [{"id": k["id"], "type": "function",
+                                  "function": {"name": k["name"], "arguments": k["arguments"]}} for k in modern]
+    if legacy:
+        message["function_call"] = {"name": legacy[0]["name"], "arguments": legacy[0]["arguments"]}
+    if outcome.kept:
+        return None
     text = blocked_text(outcome.notes)
     prior = message.get("content")
     message["content"] = f"{prior}\n\n{text}" if isinstance(prior, str) and prior else text
@@ -194,7 +191,27 @@ def repair_body(body: dict[str, Any], message: dict[str, Any], decision: Respons
             messages.append({"role": "assistant", "content": message["content"]})
         messages.append({"role": "user", "content": "guardproxy: your previous answer was rejected by validation: "
                          + "; ".join(errors) + ". Answer again; it must satisfy the required JSON schema."})
-    return {**body, "messages": messages, "stream": False}
+    out = {**body, "messages": messages, "stream": False}
+    out.pop("stream_options", None)  # OpenAI rejects stream_options on a non-streamed request
+    return out
+
+
+def message_text(message: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(content as text, other text fields) of an assistant message, for output inspection.
+
+    List content is joined from its text parts; ``refusal``, reasoning and audio transcripts are the other
+    text a model can put in front of the agent, so deny patterns look at them too.
+    """
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    elif not isinstance(content, str):
+        content = None
+    others = [v for k in ("refusal", "reasoning_content", "reasoning") if isinstance(v := message.get(k), str) and v]
+    audio = message.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        others.append(audio["transcript"])
+    return content, others
 
 
 def dumps(obj: Any) -> bytes:

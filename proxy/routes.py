@@ -13,7 +13,7 @@ from starlette.responses import Response
 from proxy.body import read_json_body
 from proxy.errors import ProxyError, envelope
 from proxy.stores import StoreUnavailable
-from rules.cost import micro_to_usd_str
+from rules.cost import escape_ident, micro_to_usd_str
 
 if TYPE_CHECKING:
     from proxy.state import AppState
@@ -80,7 +80,7 @@ async def spend(request: Request) -> Response:
             prefix = request.query_params.get("prefix", "")
         else:
             p = st.keys.principal(auth)
-            prefix = f"key:{p.key_id}:"
+            prefix = f"key:{escape_ident(p.key_id)}:"
         rows = await st.store.spend(prefix)
     except ProxyError as e:
         return _err(e)

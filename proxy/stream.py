@@ -27,6 +27,7 @@ from proxy.idempotency import IdemHandle
 from proxy.reqctx import RequestContext
 from proxy.respond import blocked_text, repair_body, resolve_calls
 from rules.decision import ToolCallIn
+from rules.evaluate import printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
 
 if TYPE_CHECKING:
@@ -34,6 +35,15 @@ if TYPE_CHECKING:
     from rules.effective import Effective
 
 DONE = b"data: [DONE]\n\n"
+_OTHER_TEXT = ("refusal", "reasoning_content", "reasoning")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProxyError("upstream_error", "upstream sent a malformed stream chunk")
+    return value
 
 
 def _event(obj: Any) -> bytes:
@@ -53,6 +63,7 @@ class _Relay:
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
         self.recorded: list[bytes] = []
+        self.other: dict[str, list[str]] = {}  # refusal / reasoning text, held with the content when buffering
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         t = self.template or {"id": "chatcmpl-guardproxy", "created": int(time.time()), "model": self.ctx.model_used}
@@ -76,7 +87,11 @@ class _Relay:
         if not choices:
             return None  # the usage chunk: re-emitted at the end if the client asked for it
         ch = choices[0]
-        delta = ch.get("delta") or {}
+        delta = ch.get("delta") if isinstance(ch, dict) else None
+        if delta is None:
+            delta = {}
+        if not isinstance(delta, dict):
+            raise ProxyError("upstream_error", "upstream sent a malformed stream chunk")
         finish = ch.get("finish_reason")
         content = delta.get("content")
         if isinstance(content, str) and content:
@@ -84,22 +99,21 @@ class _Relay:
         tool_deltas = delta.get("tool_calls")
         fc = delta.get("function_call")
         if tool_deltas:
+            if not isinstance(tool_deltas, list):
+                raise ProxyError("upstream_error", "upstream sent malformed tool-call deltas")
             for td in tool_deltas:
-                idx = td.get("index", 0)
-                slot = self.calls.setdefault(idx, {"id": None, "name": "", "args": []})
-                if td.get("id"):
-                    slot["id"] = td["id"]
-                fn = td.get("function") or {}
-                if fn.get("name"):
-                    slot["name"] += fn["name"]
-                if fn.get("arguments"):
-                    slot["args"].append(fn["arguments"])
-        if isinstance(fc, dict):
+                self._take_tool_delta(td)
+        if fc is not None:
+            if not isinstance(fc, dict):
+                raise ProxyError("upstream_error", "upstream sent a malformed function_call delta")
             if self.legacy is None:
                 self.legacy = {"name": "", "args": []}
-            self.legacy["name"] += fc.get("name") or ""
-            if fc.get("arguments"):
-                self.legacy["args"].append(fc["arguments"])
+            self.legacy["name"] += _text(fc.get("name"))
+            self.legacy["args"].append(_text(fc.get("arguments")))
+        for key in _OTHER_TEXT:
+            value = delta.get(key)
+            if isinstance(value, str) and value:
+                self.other.setdefault(key, []).append(value)
         if finish:
             self.finish = finish
             if isinstance(content, str) and content and not self.buffer_text:
@@ -110,11 +124,35 @@ class _Relay:
         rest = {k: v for k, v in delta.items() if k not in ("tool_calls", "function_call")}
         if self.buffer_text:
             rest.pop("content", None)
+            for key in _OTHER_TEXT:
+                rest.pop(key, None)
             if "role" in rest:
                 rest["content"] = ""
         if rest:
             return _event(self._chunk(rest))
         return None
+
+    def _take_tool_delta(self, td: Any) -> None:
+        if not isinstance(td, dict):
+            raise ProxyError("upstream_error", "upstream sent a malformed tool-call delta")
+        idx = td.get("index", 0)
+        fn = td.get("function") or {}
+        if not isinstance(idx, int) or isinstance(idx, bool) or not isinstance(fn, dict):
+            raise ProxyError("upstream_error", "upstream sent a malformed tool-call delta")
+        slot = self.calls.setdefault(idx, {"id": None, "name": "", "args": []})
+        if td.get("id"):
+            slot["id"] = _text(td["id"])
+        slot["name"] += _text(fn.get("name"))
+        slot["args"].append(_text(fn.get("arguments")))
+
+    def billable_text(self) -> str:
+        """Everything the model produced so far, tool-call arguments included (charged on disconnect)."""
+        parts = list(self.text)
+        for s in self.calls.values():
+            parts.extend((s["name"], *s["args"]))
+        if self.legacy is not None:
+            parts.extend((self.legacy["name"], *self.legacy["args"]))
+        return "".join(parts)
 
     def tool_calls_in(self) -> list[ToolCallIn]:
         out = [ToolCallIn(i, s["id"], s["name"], "".join(s["args"])) for i, s in sorted(self.calls.items())]
@@ -127,7 +165,8 @@ class _Relay:
         st, ctx, eff = self.state, self.ctx, self.eff
         calls = self.tool_calls_in()
         content = "".join(self.text) if self.buffer_text else None
-        decision = evaluate_response(eff, calls, content, self.rctx, now=time.time())
+        other_text = ["".join(v) for v in self.other.values()] if self.buffer_text else []
+        decision = evaluate_response(eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
         wants_repair = any(v.verdict == "invalid" and v.on_invalid == "repair" for v in decision.calls) or (
             decision.output is not None and decision.output.verdict == "invalid"
             and decision.output.on_invalid == "repair")
@@ -139,7 +178,8 @@ class _Relay:
         finish = self.finish or "stop"
         o = decision.output
         escalation: dict[str, Any] | None = None
-        if o is not None and o.verdict == "invalid" and o.on_invalid == "escalate" and eff.escalate_to:
+        if (o is not None and o.verdict == "invalid" and o.on_invalid == "escalate" and eff.escalate_to
+                and eff.tool_blocked(eff.escalate_to)[0] is None):
             # as in the non-streamed path: the invalid text becomes a call to the escalation tool
             escalation = {"id": "call_guardproxy_escalation", "type": "function", "function": {
                 "name": eff.escalate_to, "arguments": orjson.dumps({"reason": "invalid output: " + "; ".join(
@@ -155,6 +195,8 @@ class _Relay:
             text = o.content if o is not None and o.verdict == "rewrite" and o.content is not None else content
             if text:
                 out.append(_event(self._chunk({"content": text})))
+            for key, parts in self.other.items():  # held refusal / reasoning text, now cleared
+                out.append(_event(self._chunk({key: "".join(parts)})))
         if decision.calls:
             outcome = await resolve_calls(st.store, ctx, eff, decision.calls,
                                           approval_ttl_s=st.config.approval_ttl_s, fail_open=eff.fail_open)
@@ -214,8 +256,10 @@ class _Relay:
             if not any(v.verdict == "invalid" for v in decision.calls) and not (
                     decision.output is not None and decision.output.verdict == "invalid"):
                 st.telemetry.metrics.repair("succeeded")
-                ctx.actions.extend(f"repaired:{c.name}" for c in calls) if calls else ctx.actions.append(
-                    "repaired:output")
+                if calls:
+                    ctx.actions.extend(f"repaired:{printable_name(c.name)}" for c in calls)
+                else:
+                    ctx.actions.append("repaired:output")
                 return decision, content, calls
         st.telemetry.metrics.repair("exhausted")
         return decision, content, calls
@@ -250,7 +294,7 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
         # when the client left before the first byte (the body generator never started): settle in a task,
         # since the request's own task may be cancelled.
         state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
-        settle = state.cost.settle(plan, ctx.usage or None, streamed_text="".join(relay.text), now=time.time())
+        settle = state.cost.settle(plan, ctx.usage or None, streamed_text=relay.billable_text(), now=time.time())
         task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, completed, error, settle, events))
         state.background.append(task)
         task.add_done_callback(lambda t: state.background.remove(t) if t in state.background else None)
@@ -278,7 +322,7 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
             error = err
             ctx.status, ctx.error_code = 200, err.code
             yield sse_error_event(err, ctx.decision_id)
-        except (orjson.JSONDecodeError, ValueError):
+        except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError, KeyError):
             error = ProxyError("upstream_error", "upstream sent a malformed stream chunk")
             yield sse_error_event(error, ctx.decision_id)
         finally:

@@ -284,8 +284,8 @@ class CeilingSpec:
     reset_at: float | None
 
 
-def _escape(ident: str) -> str:
-    # ids may contain ":"; escape so "a:b" as a key id can never alias another counter's name
+def escape_ident(ident: str) -> str:
+    """Escape ``%`` and ``:`` in an id, so "a:b" as a key id can never alias another counter's name."""
     return ident.replace("%", "%25").replace(":", "%3A")
 
 
@@ -324,7 +324,7 @@ def ceilings_for(
     now = now.astimezone(UTC)
     out: list[CeilingSpec] = []
     if eff.per_conversation is not None and conversation is not None:
-        key = f"conversation:{_escape(conversation)}"
+        key = f"conversation:{escape_ident(conversation)}"
         out.append(CeilingSpec(key, eff.per_conversation, CONVERSATION_TTL_S, "conversation", None, None))
     owners: dict[str, str | None] = {"key": key_id, "team": team, "org": org}
     for b in eff.budgets:
@@ -333,7 +333,7 @@ def ceilings_for(
             continue
         window, label, start, end = _window_bounds(b, now)
         ttl_s = int((end - start).total_seconds()) + TTL_MARGIN_S
-        key = f"{b.scope}:{_escape(owner)}:{window}:{label}"
+        key = f"{b.scope}:{escape_ident(owner)}:{window}:{label}"
         out.append(CeilingSpec(key, b.limit, ttl_s, b.scope, window, end.timestamp()))
     return out
 

@@ -156,15 +156,22 @@ def escalate_invalid(eff: Effective, call: ToolCallIn, errors: Sequence[str]) ->
                        new_arguments=rewritten[1], errors=tuple(errors))
 
 
-def _output_verdict(eff: Effective, content: str, ctx: ResponseContext, trail: Trail) -> OutputVerdict:
+def _pattern_verdict(eff: Effective, texts: Sequence[str], trail: Trail) -> OutputVerdict | None:
     for pat in eff.deny_patterns:
-        if pat.regex.search(content):
+        if any(pat.regex.search(t) for t in texts):
             if pat.shadow:
                 trail.act("output_denied", pat.id, None, shadow=True)
                 continue
             reason = pat.reason or f"output matches pattern {pat.id}"
             trail.act("output_denied", pat.id, reason)
             return OutputVerdict("deny", rule_id=pat.id, reason=reason)
+    return None
+
+
+def _output_verdict(eff: Effective, content: str, ctx: ResponseContext, trail: Trail) -> OutputVerdict:
+    denied = _pattern_verdict(eff, (content,), trail)
+    if denied is not None:
+        return denied
     pinned = [s for s in eff.output_schemas if not s.shadow]
     shadow_pinned = [s for s in eff.output_schemas if s.shadow]
     schemas = [s.schema for s in pinned]
@@ -218,14 +225,26 @@ def _output_verdict(eff: Effective, content: str, ctx: ResponseContext, trail: T
 
 
 def evaluate_response(
-    eff: Effective, calls: Sequence[ToolCallIn], content: str | None, ctx: ResponseContext, *, now: float
+    eff: Effective,
+    calls: Sequence[ToolCallIn],
+    content: str | None,
+    ctx: ResponseContext,
+    *,
+    now: float,
+    other_text: Sequence[str] = (),
 ) -> ResponseDecision:
-    """Decide every tool call and the content of one assistant message."""
+    """Decide every tool call and the content of one assistant message.
+
+    ``other_text`` is any other text the message carries (``refusal``, reasoning): deny patterns apply
+    to it too, so output inspection cannot be sidestepped through another field.
+    """
     del now  # response rules are time-independent today; the clock stays in the signature
     trail = Trail()
     verdicts = tuple(_call_verdict(eff, c, ctx, trail) for c in calls)
     output = None
-    if content and (eff.inspects_output or ctx.response_schema is not None):
+    if other_text:
+        output = _pattern_verdict(eff, other_text, trail)
+    if output is None and content and (eff.inspects_output or ctx.response_schema is not None):
         output = _output_verdict(eff, content, ctx, trail)
     denied = output is not None and output.verdict == "deny"
     changed = any(v.verdict != "allow" for v in verdicts) or (output is not None and output.verdict != "allow")

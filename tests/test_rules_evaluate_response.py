@@ -559,3 +559,30 @@ def test_shadow_and_enforced_output_schema_together() -> None:
     assert d.output is not None and d.output.verdict == "invalid" and d.would == ()
     d = run(eff, content="text")
     assert d.output is not None and d.output.verdict == "invalid" and d.would == ("would_schema_invalid:output",)
+
+
+def test_deny_patterns_also_apply_to_other_text_fields() -> None:
+    """A refusal or reasoning field cannot carry what a deny pattern forbids in content."""
+    from rules.compiler import compile_policies
+    from rules.evaluate import Principal
+    from rules.evaluate_response import ResponseContext, evaluate_response
+    from rules.loader import load_policies
+
+    text = """apiVersion: guardproxy/v1
+kind: Policy
+metadata: {name: p}
+match: {all: true}
+output:
+  deny_patterns:
+    - {id: no-ssn, regex: '\\d{3}-\\d{2}-\\d{4}', reason: no SSNs}
+"""
+    loaded = load_policies([("p.yaml", text)])
+    compiled, errors = compile_policies(loaded.policies)
+    assert compiled is not None and not errors
+    eff = compiled.for_principal("k", None)
+    ctx = ResponseContext(Principal("k"), "m")
+    d = evaluate_response(eff, [], None, ctx, now=0.0, other_text=["my ssn is 123-45-6789"])
+    assert d.output is not None and d.output.verdict == "deny" and d.output.rule_id == "no-ssn"
+    assert d.effect == "deny"
+    clean = evaluate_response(eff, [], "fine", ctx, now=0.0, other_text=["nothing here"])
+    assert clean.output is not None and clean.output.verdict == "allow"
