@@ -132,6 +132,12 @@ def start_mock(rundir: Path) -> Server:
                  health="/healthz", logdir=rundir, cwd=ROOT)
 
 
+def start_floor(upstream: str, rundir: Path) -> Server:
+    port = free_port()
+    cmd = [sys.executable, str(BENCH / "floor_forwarder.py"), str(port), upstream + "/chat/completions"]
+    return start("floor", cmd, port=port, health="/healthz", logdir=rundir, cwd=ROOT)
+
+
 def start_sink(rundir: Path) -> Server:
     port = free_port()
     return start("otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"), "--port", str(port)], port=port,

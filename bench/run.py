@@ -44,6 +44,7 @@ from _setup import (  # noqa: E402
     GpVariant,
     body_bytes,
     litellm_available,
+    start_floor,
     start_guardproxy,
     start_litellm,
     start_mock,
@@ -138,7 +139,10 @@ def main() -> None:
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--skip-sizes", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="add a bare Starlette + aiohttp forwarder (the stack's floor) as a contender")
     ap.add_argument("--profile", action="store_true", help="py-spy the full-policy proxy under load")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temp folder (configs, server and audit logs)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 6.0)
@@ -149,6 +153,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "rounds": rounds, "seconds": seconds, "notes": []}
     rundir = Path(tempfile.mkdtemp(prefix="guardproxy-bench-"))
     servers: list[Server] = []
+    print(f"work folder (configs, logs): {rundir}", flush=True)
     try:
         _redis_flush()
         mock = start_mock(rundir)
@@ -157,6 +162,10 @@ def main() -> None:
         sink = start_sink(rundir)
         servers.append(sink)
         contenders = [Contender("direct", "upstream directly (mock-upstream)", mock, SUPPORT_KEY)]
+        if args.floor:
+            fl = start_floor(upstream, rundir)
+            servers.append(fl)
+            contenders.append(Contender("floor", "bare Starlette + aiohttp forwarder (floor)", fl, SUPPORT_KEY))
         for v in LADDER:
             srv = start_guardproxy(v, upstream, rundir, sink=sink.root + "/v1/traces")
             servers.append(srv)
@@ -235,7 +244,11 @@ def main() -> None:
     md = render(results)
     (outdir / f"{stamp}.md").write_text(md)
     print("\n" + md)
-    print(f"results: bench/results/{stamp}.json and .md (server logs in {rundir})")
+    if args.keep_logs:
+        print(f"results: bench/results/{stamp}.json and .md (server logs in {rundir})")
+    else:
+        shutil.rmtree(rundir, ignore_errors=True)  # audit logs of a full run are hundreds of MB
+        print(f"results: bench/results/{stamp}.json and .md")
 
 
 if __name__ == "__main__":
