@@ -31,6 +31,7 @@ from proxy._mock_replies import ScriptedReply, build_plan, render_completion, re
 __all__ = ["MockControl", "MockUpstream", "ScriptedReply", "run", "start"]
 
 CALL_LOG_LIMIT = 10_000
+CALL_LOG_BYTES = 64 * 1024 * 1024  # long-history benchmarks send 400 KB bodies: bound memory, not just count
 _CACHE_BYTES = 32 << 20  # cleared wholesale when full: benchmarks repeat a handful of bodies
 _BASE_MODELS = ("gpt-4o", "gpt-4o-mini")
 _CHAT_PATHS = frozenset({b"/v1/chat/completions", b"/chat/completions"})
@@ -57,6 +58,7 @@ class MockUpstream:
         self.replies: deque[ScriptedReply] = deque()
         # Raw (path, headers, body); bounded so a long benchmark cannot grow memory without limit.
         self.calls: deque[tuple[bytes, list[tuple[bytes, bytes]], bytes]] = deque(maxlen=CALL_LOG_LIMIT)
+        self._call_bytes = 0
         self.chat_requests = 0
         self.models: dict[str, None] = dict.fromkeys(_BASE_MODELS)
         self.connections: set[HttpProtocol] = set()
@@ -102,7 +104,12 @@ class MockUpstream:
     # -- chat -------------------------------------------------------------------------------------
     def _chat(self, req: Request) -> Response | StreamResponse:
         self.chat_requests += 1
+        if len(self.calls) == self.calls.maxlen:
+            self._call_bytes -= len(self.calls[0][2])  # about to be dropped by the deque itself
         self.calls.append((req.path, req.headers, req.body))
+        self._call_bytes += len(req.body)
+        while self._call_bytes > CALL_LOG_BYTES and len(self.calls) > 1:
+            self._call_bytes -= len(self.calls.popleft()[2])
         if not self.replies:
             hit = self._cache.get(req.body)
             if hit is not None:
@@ -181,6 +188,7 @@ class MockUpstream:
     def _reset(self, _: Request) -> Response:
         self.replies.clear()
         self.calls.clear()
+        self._call_bytes = 0
         self.chat_requests = 0
         return _json(200, {"ok": True})
 
