@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from proxy.app import _needs_mock, build_state, create_app
     from proxy.config import ConfigError, load_config
+    from proxy.fastpath import FastPath
 
     logging.basicConfig(level=os.environ.get("GUARDPROXY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Start-up objects (config, compiled policies, tokenizer tables, imported modules) live forever: move
     # them out of the collector's sight so collections under load stop re-scanning them (~10% CPU/request).
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning",
+    uvicorn.run(FastPath(app), host=host, port=port, loop="uvloop", http="httptools", log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
     return 0
 
@@ -91,13 +92,14 @@ def worker_app() -> Any:
     """Factory for ``--workers N`` (each worker builds its own app from the config file)."""
     from proxy.app import _needs_mock, build_state, create_app
     from proxy.config import load_config
+    from proxy.fastpath import FastPath
 
     config = load_config(os.environ["GUARDPROXY_CONFIG"])
     # as in single-process serve: keyless OpenAI routes go to a built-in scripted model (one per worker)
     mock_base = _start_mock_thread("127.0.0.1") if _needs_mock(config) else None
     app = create_app(config, state=build_state(config, mock_base=mock_base))
     gc.freeze()  # as in cmd_serve
-    return app
+    return FastPath(app)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
