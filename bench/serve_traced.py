@@ -49,6 +49,7 @@ def main() -> None:
 
     from proxy.app import build_state, create_app
     from proxy.config import load_config
+    from proxy.fastpath import FastPath
 
     logging.basicConfig(level="WARNING")
     config = load_config(sys.argv[1])
@@ -58,7 +59,7 @@ def main() -> None:
     state.telemetry.tracing = NoExportTracing(settings)
     app = create_app(config, state=state)
     gc.freeze()  # as guardproxy serve does
-    uvicorn.run(app, host=config.server.host, port=config.server.port, loop="uvloop", http="httptools",
+    uvicorn.run(FastPath(app), host=config.server.host, port=config.server.port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 

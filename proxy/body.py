@@ -45,7 +45,9 @@ async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str,
     if not raw:
         raise ProxyError("invalid_json", "request body is empty; expected a JSON object")
     try:
-        body = loads_strict(raw, max_depth=64, max_string=limit, max_bytes=limit)
+        # Depth is bounded by orjson's own recursion limit (1024); a small max_depth here would make
+        # every long history pay for a full Python walk of the document.
+        body = loads_strict(raw, max_depth=1024, max_string=limit, max_bytes=limit)
     except StrictJSONError as exc:
         raise ProxyError("invalid_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

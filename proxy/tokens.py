@@ -79,6 +79,17 @@ def _digest(obj: Any) -> bytes:
     return hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
+def _message_key(message: Mapping[str, Any]) -> Any:
+    """The cache key of a message: the common ``{role, content: str}`` shape keys by its strings directly
+    (hashing a str is far cheaper than serialising and digesting it: long histories are mostly these);
+    anything else by a digest of its canonical JSON."""
+    if len(message) == 2:
+        role, content = message.get("role"), message.get("content")
+        if isinstance(role, str) and isinstance(content, str):
+            return (role, content)
+    return _digest(message)
+
+
 class TokenCounter:
     """Counts prompt tokens; owns its encoders and LRU caches (one instance per app).
 
@@ -91,7 +102,7 @@ class TokenCounter:
         configure_offline_encodings()
         self._max_cached = max_cached
         self._encoders: dict[str, tiktoken.Encoding] = {}
-        self._cache: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, Any], int] = OrderedDict()
         self.encode_calls = 0
         self.cache_hits = 0
         self.cache_misses = 0
@@ -118,7 +129,7 @@ class TokenCounter:
         # encode_ordinary: user text containing "<|endoftext|>" is just text, not an error
         return len(self.encoder(encoding).encode_ordinary(text))
 
-    def _cached(self, key: tuple[str, bytes]) -> int | None:
+    def _cached(self, key: tuple[str, Any]) -> int | None:
         n = self._cache.get(key)
         if n is None:
             self.cache_misses += 1
@@ -127,7 +138,7 @@ class TokenCounter:
         self._cache.move_to_end(key)
         return n
 
-    def _store(self, key: tuple[str, bytes], n: int) -> None:
+    def _store(self, key: tuple[str, Any], n: int) -> None:
         self._cache[key] = n
         if len(self._cache) > self._max_cached:
             self._cache.popitem(last=False)
@@ -173,7 +184,7 @@ class TokenCounter:
 
     def message_tokens(self, encoding: str, message: Mapping[str, Any]) -> int:
         """One message's tokens (without the reply priming); cached by content hash."""
-        key = (encoding, _digest(message))
+        key = (encoding, _message_key(message))
         hit = self._cached(key)
         if hit is not None:
             return hit

@@ -475,3 +475,37 @@ def test_hot_reload_applies_and_survives_broken_edits(make_proxy: Callable[..., 
     assert _stripped(p, mock_upstream, "get_ticket_history") == (False, rev3)
     r = p.post("/admin/reload", key=ADMIN_KEY)
     assert r.status_code == 200 and r.json() == {"reloaded": True, "policy_revision": rev3, "errors": []}
+
+
+# --- schemas (issue: schema-validated tool calls and structured outputs) ------------------------------------
+
+
+def test_looser_declared_schema_does_not_override_the_pinned_one(proxy: Proxy, mock_upstream: Mock) -> None:
+    """apply_credit's pinned schema needs a numeric amount; the agent declaring ``{}`` changes nothing."""
+    loose = [{"type": "function", "function": {"name": "apply_credit", "parameters": {"type": "object"}}}]
+    bad = {"tool_calls": [{"name": "apply_credit", "arguments": '{"customer_id": "c1", "amount": "fifty"}'}]}
+    mock_upstream.script(bad, bad)
+    raw = proxy.client(SUPPORT_KEY).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "credit"}], tools=loose, extra_headers=conv())
+    msg = raw.parse().choices[0].message
+    assert not msg.tool_calls
+    assert "schema_denied:apply_credit" in raw.headers["x-guardproxy-actions"]
+    assert len(mock_upstream.calls()) == 2  # the first answer and one repair
+    assert "amount" in (msg.content or "")
+
+
+def test_ticket_action_without_confidence_is_repaired_or_refused(proxy: Proxy, mock_upstream: Mock) -> None:
+    missing = json.dumps({"action": "resolve", "reason": "done", "requires_human_review": False})
+    valid = json.dumps({"action": "resolve", "reason": "done", "confidence": 0.9, "requires_human_review": False})
+    mock_upstream.script({"content": missing}, {"content": valid})
+    raw = proxy.client(SUPPORT_KEY).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "close it"}], extra_headers=conv())
+    assert json.loads(raw.parse().choices[0].message.content) == json.loads(valid)
+    assert "repaired:output" in raw.headers["x-guardproxy-actions"]
+    mock_upstream.script({"content": missing}, {"content": missing})
+    with pytest.raises(openai.UnprocessableEntityError) as exc:
+        proxy.client(SUPPORT_KEY).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "close it"}], extra_headers=conv())
+    err = exc.value.response.json()["error"]
+    assert err["code"] == "schema_validation_failed"
+    assert any("confidence" in e for e in err["errors"])
