@@ -139,6 +139,9 @@ class CostGovernor:
         ceilings.append(Ceiling(f"model:{plan.model}:day:{when.date().isoformat()}", UNLIMITED, 2 * 86400,
                                 "model", "day", None))
         bound, body = self._output_bound(body, plan.price, plan.model)
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            bound *= n  # every choice can use the whole output bound
         plan.estimate = estimate_micro(plan.prompt_tokens, bound, plan.price.input_per_mtok,
                                        plan.price.output_per_mtok)
         if eff is not None and not check_per_request(eff, plan.estimate):

@@ -167,3 +167,15 @@ def test_repair_of_a_stream_does_not_send_stream_options(hostile: Proxy, mock_up
     first, repair = mock_upstream.calls()
     assert first["body"]["stream"] is True and "stream_options" in first["body"]
     assert repair["body"]["stream"] is False and "stream_options" not in repair["body"]
+
+
+def test_n_choices_multiply_the_estimate_before_the_per_request_ceiling(hostile: Proxy, mock_upstream: Mock) -> None:
+    """org-base allows $0.25 a request; 128 choices x 4096 tokens x $0.60/Mtok is $0.31, one choice $0.0025."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    one = hostile.post("/v1/chat/completions", key=PLAY_KEY, json=body)
+    assert one.status_code == 200
+    many = hostile.post("/v1/chat/completions", key=PLAY_KEY, json={**body, "n": 128})
+    assert many.status_code == 429
+    err = many.json()["error"]
+    assert err["code"] == "budget_exceeded" and err["budget"]["scope"] == "request"
+    assert len(mock_upstream.calls()) == 1
