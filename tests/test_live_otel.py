@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +20,9 @@ import conftest
 import httpx
 import pytest
 from conftest import ADMIN_KEY, PLAY_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
+from otlp_receiver import OtlpReceiver
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel.tracing import Tracing, TracingSettings
@@ -518,64 +515,6 @@ def test_approvals_pending_feedback_and_override_ratio(tmp_path: Path) -> None:
 
 
 # --- OTLP/HTTP export from the live server ------------------------------------------------------------
-
-
-class OtlpReceiver:
-    """A tiny OTLP/HTTP traces endpoint: decodes each POSTed ExportTraceServiceRequest."""
-
-    def __init__(self) -> None:
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.raw: list[bytes] = []
-        self.paths: list[str] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                msg = ExportTraceServiceRequest()
-                msg.ParseFromString(body)
-                with receiver.lock:
-                    receiver.paths.append(self.path)
-                    receiver.raw.append(body)
-                    receiver.requests.append(msg)
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def spans(self) -> list[tuple[dict[str, Any], Any]]:
-        """(resource attributes, span) for every span received so far."""
-        out: list[tuple[dict[str, Any], Any]] = []
-        with self.lock:
-            reqs = list(self.requests)
-        for req in reqs:
-            for rs in req.resource_spans:
-                res = {a.key: a.value.string_value for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    out.extend((res, s) for s in ss.spans)
-        return out
-
-    def wait_for(self, predicate: Callable[[list[tuple[dict[str, Any], Any]]], bool],
-                 timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.spans()):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"spans not received in {timeout} s: {[s.name for _, s in self.spans()]}")
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

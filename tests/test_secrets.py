@@ -12,15 +12,14 @@ Prompt text must not appear in spans or the audit log either (``capture_content`
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from conftest import Mock, Proxy, free_port
+from otlp_receiver import OtlpReceiver
 
 UPSTREAM_SECRET = "sk-upstream-SENTINEL-4c1d9e"
 CALLER_SECRET = "sk-caller-SENTINEL-77ab02"
@@ -47,42 +46,9 @@ tools:
 """
 
 
-class RawReceiver:
-    """An OTLP/HTTP endpoint that keeps the raw bodies (protobuf strings are plain UTF-8 inside)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.lock:
-                    receiver.bodies.append(body)
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def data(self) -> bytes:
-        with self.lock:
-            return b"".join(self.bodies)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver() -> Iterator[RawReceiver]:
-    r = RawReceiver()
+def receiver() -> Iterator[OtlpReceiver]:
+    r = OtlpReceiver()
     yield r
     r.close()
 
@@ -188,7 +154,7 @@ def _assert_clean(where: str, text: str, forbidden: tuple[str, ...] = SENTINEL_P
 
 @pytest.mark.parametrize("exporter", ["console", "otlp"])
 def test_no_secret_or_prompt_in_any_output(exporter: str, make_proxy: Callable[..., Proxy],
-                                           mock_upstream: Mock, receiver: RawReceiver) -> None:
+                                           mock_upstream: Mock, receiver: OtlpReceiver) -> None:
     tel = {"exporter": "otlp", "endpoint": f"http://127.0.0.1:{receiver.port}"} if exporter == "otlp" \
         else {"exporter": "console"}
     proxy = make_proxy(policies={"open.yaml": OPEN}, config=_config(mock_upstream.url, tel))
