@@ -12,19 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.body import read_raw
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError
+from proxy.responses import error_response, json_response
 from proxy.stores import StoreUnavailable
 
 if TYPE_CHECKING:
     from proxy.state import AppState
 
-
-def _json(doc: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
-
-
-def _err(e: ProxyError) -> Response:
-    return Response(envelope(e), status_code=e.status, media_type="application/json")
 
 
 async def reload_policies(request: Request) -> Response:
@@ -32,10 +26,10 @@ async def reload_policies(request: Request) -> Response:
     try:
         st.keys.require_admin(request.headers.get("authorization"))
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     ok, errors = await st.policies.reload()
     current = st.policies.current
-    return _json({"reloaded": ok, "policy_revision": current.revision if current else None,
+    return json_response({"reloaded": ok, "policy_revision": current.revision if current else None,
                   "errors": [str(e) for e in errors]}, 200 if ok else 422)
 
 
@@ -45,10 +39,10 @@ async def list_approvals(request: Request) -> Response:
         st.keys.require_admin(request.headers.get("authorization"))
         items = await st.store.approval_list(request.query_params.get("status"), now=time.time())
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     except StoreUnavailable:
-        return _err(ProxyError("state_unavailable", "approval store unavailable"))
-    return _json({"object": "list", "data": [dataclasses.asdict(a) for a in items]})
+        return error_response(ProxyError("state_unavailable", "approval store unavailable"))
+    return json_response({"object": "list", "data": [dataclasses.asdict(a) for a in items]})
 
 
 async def _decide(request: Request, approve: bool) -> Response:
@@ -68,20 +62,19 @@ async def _decide(request: Request, approve: bool) -> Response:
         approval_id = request.path_params["approval_id"]
         a = await st.store.approval_decide(approval_id, approve, note, "admin", now=time.time())
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     except StoreUnavailable:
-        return _err(ProxyError("state_unavailable", "approval store unavailable"))
+        return error_response(ProxyError("state_unavailable", "approval store unavailable"))
     if a is None:
-        return _err(ProxyError("not_found", f"no approval {approval_id!r}"))
+        return error_response(ProxyError("not_found", f"no approval {approval_id!r}"))
     expected = "approved" if approve else "rejected"
     if a.status != expected:
-        return _json({"error": {"message": f"approval is {a.status}, not pending", "type": "conflict_error",
-                                "code": "approval_not_pending", "param": None, "decision_id": None}}, 409)
+        return error_response(ProxyError("approval_not_pending", f"approval is {a.status}, not pending"))
     st.telemetry.metrics.approval(expected)
     if st.telemetry.audit is not None:
         st.telemetry.audit.record({"event": "approval", "approval_id": a.id, "outcome": expected,
                                    "rule_id": a.rule_id, "tool": a.tool, "principal": a.principal})
-    return _json(dataclasses.asdict(a))
+    return json_response(dataclasses.asdict(a))
 
 
 async def approve(request: Request) -> Response:

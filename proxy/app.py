@@ -28,10 +28,11 @@ from proxy.auth import KeyRing
 from proxy.chat import chat_completions
 from proxy.config import Config
 from proxy.costing import CostGovernor
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError
 from proxy.idempotency import Idempotency
 from proxy.policy_source import PolicyHolder
 from proxy.pricing import PriceBook
+from proxy.responses import error_response
 from proxy.routes import info_routes
 from proxy.state import AppState
 from proxy.stores import open_store
@@ -127,19 +128,19 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:
-        return Response(envelope(exc), status_code=exc.status, media_type="application/json", headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else "invalid_request"
         err = ProxyError(code, str(exc.detail), status=exc.status_code)
-        return Response(envelope(err), status_code=exc.status_code, media_type="application/json")
+        return error_response(err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
         err = ProxyError("internal_error", "internal error; see the proxy log")
-        return Response(envelope(err), status_code=500, media_type="application/json")
+        return error_response(err)
 
     return app
 

@@ -12,10 +12,10 @@ import logging
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
 
 from proxy.chat import chat_completions
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError
+from proxy.responses import error_response
 
 log = logging.getLogger("guardproxy")
 _HOT = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -35,5 +35,5 @@ class FastPath:
         except Exception:
             log.exception("unexpected error on %s", scope["path"])
             err = ProxyError("internal_error", "internal error; see the proxy log")
-            response = Response(envelope(err), status_code=500, media_type="application/json")
+            response = error_response(err)
         await response(scope, receive, send)

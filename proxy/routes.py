@@ -6,25 +6,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.body import read_json_body
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError
+from proxy.responses import error_response, json_response
 from proxy.stores import StoreUnavailable
 from rules.cost import escape_ident, micro_to_usd_str
 
 if TYPE_CHECKING:
     from proxy.state import AppState
 
-
-def _json(doc: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
-
-
-def _err(e: ProxyError) -> Response:
-    return Response(envelope(e), status_code=e.status, media_type="application/json", headers=e.headers)
 
 
 async def list_models(request: Request) -> Response:
@@ -33,7 +26,7 @@ async def list_models(request: Request) -> Response:
     try:
         p = st.keys.principal(request.headers.get("authorization"))
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     current = st.policies.current
     eff = current.for_principal(p.key_id, p.team) if current else None
     data = []
@@ -41,11 +34,11 @@ async def list_models(request: Request) -> Response:
         if eff is not None and any(not shadow and m.name not in allowed for _, shadow, allowed in eff.model_gates):
             continue
         data.append({"id": m.name, "object": "model", "created": 0, "owned_by": "guardproxy"})
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def healthz(request: Request) -> Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
@@ -57,7 +50,7 @@ async def readyz(request: Request) -> Response:
            "policies": list(p.name for p in current.policies) if current else [],
            "policy_errors": [str(e) for e in st.policies.last_errors],
            "store": {**st.store.describe(), "reachable": store_ok}}
-    return _json(doc, 200 if ready else 503)
+    return json_response(doc, 200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -83,12 +76,12 @@ async def spend(request: Request) -> Response:
             prefix = f"key:{escape_ident(p.key_id)}:"
         rows = await st.store.spend(prefix)
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     except StoreUnavailable:
-        return _err(ProxyError("state_unavailable", "spend store unavailable"))
+        return error_response(ProxyError("state_unavailable", "spend store unavailable"))
     out = [{"counter": k, "scope": k.split(":", 1)[0], "spend_usd": micro_to_usd_str(v)}
            for k, v in sorted(rows.items())]
-    return _json({"object": "list", "data": out})
+    return json_response({"object": "list", "data": out})
 
 
 async def feedback(request: Request) -> Response:
@@ -103,11 +96,11 @@ async def feedback(request: Request) -> Response:
         if outcome not in ("overridden", "confirmed"):
             raise ProxyError("invalid_request", "outcome must be overridden or confirmed", param="outcome")
     except ProxyError as e:
-        return _err(e)
+        return error_response(e)
     st.telemetry.metrics.feedback(outcome)
     if st.telemetry.audit is not None:
         st.telemetry.audit.record({"event": "feedback", "decision_id": did, "outcome": outcome})
-    return _json({"ok": True, "decision_id": did, "outcome": outcome})
+    return json_response({"ok": True, "decision_id": did, "outcome": outcome})
 
 
 def info_routes() -> list[tuple[str, Callable[..., Any], list[str]]]:

@@ -11,10 +11,11 @@ from starlette.responses import Response
 from proxy.auth import KeyRing
 from proxy.config import Config
 from proxy.costing import CostGovernor
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError
 from proxy.idempotency import Idempotency
 from proxy.policy_source import PolicyHolder
 from proxy.reqctx import RequestContext
+from proxy.responses import error_response
 from proxy.stores import Store
 from proxy.telemetry import Telemetry
 from proxy.upstream import Upstreams, UpstreamTarget
@@ -38,13 +39,9 @@ class AppState:
 
     def error_response(self, err: ProxyError, ctx: RequestContext | None, *, route: str | None = None) -> Response:
         """The one error envelope, with the decision headers when a request context exists."""
-        headers = dict(err.headers)
-        if ctx is not None:
-            headers.update(ctx.headers())
-        elif route is not None:
+        if ctx is None and route is not None:
             self.telemetry.metrics.observe_request(route, None, err.status, 0.0)
-        return Response(envelope(err, ctx.decision_id if ctx else None), status_code=err.status,
-                        media_type="application/json", headers=headers)
+        return error_response(err, ctx.decision_id if ctx else None, ctx.headers() if ctx else None)
 
     async def call_upstream(self, ctx: RequestContext, target: UpstreamTarget, body: dict[str, Any],
                             raw: bytes | None) -> dict[str, Any]:
