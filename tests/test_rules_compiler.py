@@ -5,27 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from policy_builders import compile_docs, policy
+from policy_builders import compiled as ok
 
-from rules.compiler import CompiledPolicySet, compile_policies, glob_to_re2
-from rules.loader import load_policies
-from rules.yamlsrc import SourceError
-
-
-def policy(name: str, body: str = "", match: str = "{all: true}", mode: str = "enforce") -> str:
-    return (f"apiVersion: guardproxy/v1\nkind: Policy\nmetadata: {{name: {name}}}\nmatch: {match}\n"
-            f"mode: {mode}\n{body}")
-
-
-def compile_docs(*docs: str) -> tuple[CompiledPolicySet | None, list[SourceError]]:
-    loaded = load_policies([(f"{i}.yaml", d) for i, d in enumerate(docs)])
-    assert loaded.errors == [], loaded.errors
-    return compile_policies(loaded.policies)
-
-
-def ok(*docs: str) -> CompiledPolicySet:
-    cps, errors = compile_docs(*docs)
-    assert errors == [] and cps is not None
-    return cps
+from rules.compiler import glob_to_re2
 
 
 def bad(*docs: str) -> list[tuple[int | None, str, str]]:

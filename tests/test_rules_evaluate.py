@@ -6,27 +6,13 @@ import copy
 from typing import Any
 
 import pytest
+from policy_builders import compiled, policy
 
-from rules.compiler import CompiledPolicySet, compile_policies
 from rules.decision import RequestDecision, Trail
 from rules.effective import Effective
 from rules.evaluate import Principal, evaluate_request, printable_name, valid_tool_name
-from rules.loader import load_policies
 
 P = Principal("k1", "t1")
-
-
-def policy(name: str, body: str = "", match: str = "{all: true}", mode: str = "enforce") -> str:
-    return (f"apiVersion: guardproxy/v1\nkind: Policy\nmetadata: {{name: {name}}}\nmatch: {match}\n"
-            f"mode: {mode}\n{body}")
-
-
-def compiled(*docs: str) -> CompiledPolicySet:
-    loaded = load_policies([(f"{i}.yaml", d) for i, d in enumerate(docs)])
-    assert loaded.errors == []
-    cps, errors = compile_policies(loaded.policies)
-    assert errors == [] and cps is not None
-    return cps
 
 
 def eff_of(*docs: str) -> Effective:

@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from policy_builders import compiled
+from policy_builders import policy as policy_text
 
 from rules.compiler import compile_policies
 from rules.decision import ResponseDecision, ToolCallIn
@@ -20,16 +22,11 @@ P = Principal("k1", "t1")
 
 
 def policy(name: str, body: str = "", match: str = "{keys: [k1]}", mode: str = "enforce") -> str:
-    return (f"apiVersion: guardproxy/v1\nkind: Policy\nmetadata: {{name: {name}}}\nmatch: {match}\n"
-            f"mode: {mode}\n{body}")
+    return policy_text(name, body, match, mode)
 
 
 def eff_of(*docs: str) -> Effective:
-    loaded = load_policies([(f"{i}.yaml", d) for i, d in enumerate(docs)])
-    assert loaded.errors == []
-    cps, errors = compile_policies(loaded.policies)
-    assert errors == [] and cps is not None
-    return cps.for_principal("k1", "t1")
+    return compiled(*docs).for_principal("k1", "t1")
 
 
 def call(name: str, args: Any = None, raw: str | None = None, index: int = 0) -> ToolCallIn:
@@ -563,10 +560,8 @@ def test_shadow_and_enforced_output_schema_together() -> None:
 
 def test_deny_patterns_also_apply_to_other_text_fields() -> None:
     """A refusal or reasoning field cannot carry what a deny pattern forbids in content."""
-    from rules.compiler import compile_policies
     from rules.evaluate import Principal
     from rules.evaluate_response import ResponseContext, evaluate_response
-    from rules.loader import load_policies
 
     text = """apiVersion: guardproxy/v1
 kind: Policy

@@ -6,18 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from policy_builders import policy
 from pydantic import TypeAdapter
 
 from rules.compiler import CompiledPolicySet, compile_policies
 from rules.loader import load_policies
 from rules.testing import Case, CaseResult, judge, parse_cases, render, render_diff
 from rules.yamlsrc import load_yaml
-
-
-def policy(name: str, body: str, match: str) -> str:
-    return (f"apiVersion: guardproxy/v1\nkind: Policy\nmetadata: {{name: {name}}}\nmatch: {match}\n"
-            f"mode: enforce\n{body}")
-
 
 ORG = policy("org", """models:
   allow: [gpt-4o-mini]
