@@ -18,7 +18,17 @@ from proxy.body import read_json_body, validate_chat_body
 from proxy.costing import conversation_id
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
-from proxy.respond import dumps, extract_calls, message_text, repair_body, resolve_calls, rewrite_message
+from proxy.respond import (
+    dumps,
+    extract_calls,
+    message_of,
+    message_text,
+    repair_body,
+    repair_budget,
+    resolve_calls,
+    rewrite_message,
+    still_invalid,
+)
 from rules.evaluate import evaluate_request, printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
 from rules.schemas import SchemaDefinitionError
@@ -168,19 +178,13 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ProxyError("upstream_error", "upstream response has no choices")
-        message = _message_of(choices[0])
+        message = message_of(choices[0])
         text, other_text = message_text(message)
         decision = evaluate_response(eff, extract_calls(message), text, rctx, now=time.time(), other_text=other_text)
+        budget = repair_budget(decision)
         if repairs_left is None:
-            repairs_left = max([v.max_repairs for v in decision.calls if v.verdict == "invalid"
-                                and v.on_invalid == "repair"]
-                               + ([decision.output.max_repairs] if decision.output is not None
-                                  and decision.output.verdict == "invalid"
-                                  and decision.output.on_invalid == "repair" else []), default=0)
-        wants_repair = any(v.verdict == "invalid" and v.on_invalid == "repair" for v in decision.calls) or (
-            decision.output is not None and decision.output.verdict == "invalid"
-            and decision.output.on_invalid == "repair")
-        if wants_repair and repairs_left > 0 and len(choices) == 1:
+            repairs_left = budget
+        if budget > 0 and repairs_left > 0 and len(choices) == 1:
             repairs_left -= 1
             ctx.repairs += 1
             ctx.errors.extend(decision.errors)
@@ -193,9 +197,7 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
             state.telemetry.metrics.repair("attempted")
             continue
         if ctx.repairs:
-            still_invalid = any(v.verdict == "invalid" for v in decision.calls) or (
-                decision.output is not None and decision.output.verdict == "invalid")
-            outcome = "succeeded" if decision.effect != "deny" and not still_invalid else "exhausted"
+            outcome = "succeeded" if decision.effect != "deny" and not still_invalid(decision) else "exhausted"
             state.telemetry.metrics.repair(outcome)
             if outcome == "succeeded":
                 for v in decision.calls:
@@ -210,7 +212,7 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
         for extra in choices[1:]:
             if not isinstance(extra, dict):
                 raise ProxyError("upstream_error", "upstream response has a malformed choice")
-            msg = _message_of(extra)
+            msg = message_of(extra)
             t, other = message_text(msg)
             d = evaluate_response(eff, extract_calls(msg), t, rctx, now=time.time(), other_text=other)
             ctx.absorb(d)
@@ -223,15 +225,6 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
     state.telemetry.record_output(ctx, [c.get("message") for c in choices if isinstance(c, dict)])
     state.telemetry.finish(ctx)
     return resp
-
-
-def _message_of(choice: Any) -> dict[str, Any]:
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if message is None:
-        return {}
-    if not isinstance(message, dict):
-        raise ProxyError("upstream_error", "upstream response has a malformed message")
-    return message
 
 
 async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision: Any, choice: dict[str, Any],

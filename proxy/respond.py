@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
 from rules.decision import CallVerdict, ResponseDecision, ToolCallIn
@@ -168,6 +169,31 @@ def rewrite_message(message: dict[str, Any], outcome: Outcome) -> str | None:
     prior = message.get("content")
     message["content"] = f"{prior}\n\n{text}" if isinstance(prior, str) and prior else text
     return "stop"
+
+
+def repair_budget(decision: ResponseDecision) -> int:
+    """How many repair calls the invalid parts of ``decision`` allow; 0 when none asks for a repair."""
+    limits = [v.max_repairs for v in decision.calls if v.verdict == "invalid" and v.on_invalid == "repair"]
+    o = decision.output
+    if o is not None and o.verdict == "invalid" and o.on_invalid == "repair":
+        limits.append(o.max_repairs)
+    return max(limits, default=0)
+
+
+def still_invalid(decision: ResponseDecision) -> bool:
+    """Whether any tool call or the output of ``decision`` failed validation."""
+    return any(v.verdict == "invalid" for v in decision.calls) or (
+        decision.output is not None and decision.output.verdict == "invalid")
+
+
+def message_of(choice: Any) -> dict[str, Any]:
+    """The message of an upstream choice; a malformed one is the upstream's error, not ours."""
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if message is None:
+        return {}
+    if not isinstance(message, dict):
+        raise ProxyError("upstream_error", "upstream response has a malformed message")
+    return message
 
 
 def repair_body(body: dict[str, Any], message: dict[str, Any], decision: ResponseDecision) -> dict[str, Any]:

@@ -25,7 +25,16 @@ from starlette.responses import StreamingResponse
 from proxy.errors import ProxyError, sse_error_event
 from proxy.idempotency import IdemHandle
 from proxy.reqctx import RequestContext
-from proxy.respond import blocked_text, repair_body, resolve_calls
+from proxy.respond import (
+    blocked_text,
+    extract_calls,
+    message_of,
+    message_text,
+    repair_body,
+    repair_budget,
+    resolve_calls,
+    still_invalid,
+)
 from rules.decision import ToolCallIn
 from rules.evaluate import printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
@@ -167,10 +176,7 @@ class _Relay:
         content = "".join(self.text) if self.buffer_text else None
         other_text = ["".join(v) for v in self.other.values()] if self.buffer_text else []
         decision = evaluate_response(eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
-        wants_repair = any(v.verdict == "invalid" and v.on_invalid == "repair" for v in decision.calls) or (
-            decision.output is not None and decision.output.verdict == "invalid"
-            and decision.output.on_invalid == "repair")
-        if wants_repair:
+        if repair_budget(decision) > 0:
             decision, content, calls = await self._repair(decision, calls, content)
         ctx.absorb(decision)
         st.telemetry.response_decision(ctx, decision)
@@ -234,27 +240,24 @@ class _Relay:
         if calls and not calls[0].legacy:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-        limit = max([v.max_repairs for v in decision.calls if v.verdict == "invalid"]
-                    + ([decision.output.max_repairs] if decision.output is not None else []), default=0)
-        for _ in range(limit):
+        for _ in range(repair_budget(decision)):
             ctx.repairs += 1
             st.telemetry.metrics.repair("attempted")
             plan = ctx.plan
             assert plan is not None
             data = await st.call_upstream(ctx, st.targets[plan.model], repair_body(self.body, message, decision), None)
             ctx.add_usage(data.get("usage") if isinstance(data.get("usage"), dict) else None)
-            choice = (data.get("choices") or [{}])[0]
-            message = choice.get("message") or {}
-            from proxy.respond import extract_calls
-
+            choices = data.get("choices")
+            choice = choices[0] if isinstance(choices, list) and choices else None
+            if not isinstance(choice, dict):
+                raise ProxyError("upstream_error", "upstream response has no choices")
+            message = message_of(choice)
             calls = extract_calls(message)
-            content = message.get("content") if self.buffer_text else None
-            if content is None and message.get("content") and not calls:
-                content = message.get("content")
+            text, other_text = message_text(message)
+            content = text if self.buffer_text or not calls else None
             self.finish = choice.get("finish_reason") or self.finish
-            decision = evaluate_response(self.eff, calls, content, self.rctx, now=time.time())
-            if not any(v.verdict == "invalid" for v in decision.calls) and not (
-                    decision.output is not None and decision.output.verdict == "invalid"):
+            decision = evaluate_response(self.eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
+            if not still_invalid(decision):
                 st.telemetry.metrics.repair("succeeded")
                 if calls:
                     ctx.actions.extend(f"repaired:{printable_name(c.name)}" for c in calls)
