@@ -23,6 +23,7 @@ from proxy.respond import (
     extract_calls,
     message_of,
     message_text,
+    refuse_or_escalate,
     repair_body,
     repair_budget,
     resolve_calls,
@@ -230,22 +231,14 @@ async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: 
 async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision: Any, choice: dict[str, Any],
                  message: dict[str, Any]) -> None:
     out = decision.output
-    if out is not None:
-        if out.verdict == "deny":
-            raise ProxyError("policy_denied", f"output blocked by rule {out.rule_id}: {out.reason}")
-        if out.verdict == "invalid":
-            if out.on_invalid == "escalate" and eff.escalate_to and eff.tool_blocked(eff.escalate_to)[0] is None:
-                message["content"] = None
-                message["tool_calls"] = [{"id": "call_guardproxy_escalation", "type": "function", "function": {
-                    "name": eff.escalate_to, "arguments": dumps({"reason": "invalid output: " + "; ".join(
-                        out.errors), "original_tool": None, "original_arguments": None}).decode()}}]
-                choice["finish_reason"] = "tool_calls"
-                ctx.actions.append("escalated:output")
-            else:
-                raise ProxyError("schema_validation_failed", "model output failed schema validation: "
-                                 + "; ".join(out.errors[:10]), extra={"errors": list(out.errors[:50])})
-        elif out.verdict == "rewrite":
-            message["content"] = out.content
+    escalation = refuse_or_escalate(eff, out)
+    if escalation is not None:
+        message["content"] = None
+        message["tool_calls"] = [escalation]
+        choice["finish_reason"] = "tool_calls"
+        ctx.actions.append("escalated:output")
+    elif out is not None and out.verdict == "rewrite":
+        message["content"] = out.content
     if decision.calls:
         outcome = await resolve_calls(state.store, ctx, eff, decision.calls,
                                       approval_ttl_s=state.config.approval_ttl_s, fail_open=eff.fail_open)

@@ -17,7 +17,7 @@ import orjson
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
-from rules.decision import CallVerdict, ResponseDecision, ToolCallIn
+from rules.decision import CallVerdict, OutputVerdict, ResponseDecision, ToolCallIn
 from rules.effective import Effective
 from rules.evaluate import printable_name
 from rules.evaluate_response import escalate_invalid
@@ -194,6 +194,22 @@ def message_of(choice: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProxyError("upstream_error", "upstream response has a malformed message")
     return message
+
+
+def refuse_or_escalate(eff: Effective, out: OutputVerdict | None) -> dict[str, Any] | None:
+    """For a denied or invalid output: the escalation tool call that replaces it (``on_invalid: escalate``
+    with an allowed escalation tool), else raise the refusal. None when the output stands."""
+    if out is None or out.verdict not in ("deny", "invalid"):
+        return None
+    if out.verdict == "deny":
+        raise ProxyError("policy_denied", f"output blocked by rule {out.rule_id}: {out.reason}")
+    if out.on_invalid == "escalate" and eff.escalate_to and eff.tool_blocked(eff.escalate_to)[0] is None:
+        arguments = {"reason": "invalid output: " + "; ".join(out.errors), "original_tool": None,
+                     "original_arguments": None}
+        return {"id": "call_guardproxy_escalation", "type": "function",
+                "function": {"name": eff.escalate_to, "arguments": orjson.dumps(arguments).decode()}}
+    raise ProxyError("schema_validation_failed", "model output failed schema validation: "
+                     + "; ".join(out.errors[:10]), extra={"errors": list(out.errors[:50])})
 
 
 def repair_body(body: dict[str, Any], message: dict[str, Any], decision: ResponseDecision) -> dict[str, Any]:

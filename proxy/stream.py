@@ -30,6 +30,7 @@ from proxy.respond import (
     extract_calls,
     message_of,
     message_text,
+    refuse_or_escalate,
     repair_body,
     repair_budget,
     resolve_calls,
@@ -183,20 +184,10 @@ class _Relay:
         out: list[bytes] = []
         finish = self.finish or "stop"
         o = decision.output
-        escalation: dict[str, Any] | None = None
-        if (o is not None and o.verdict == "invalid" and o.on_invalid == "escalate" and eff.escalate_to
-                and eff.tool_blocked(eff.escalate_to)[0] is None):
-            # as in the non-streamed path: the invalid text becomes a call to the escalation tool
-            escalation = {"id": "call_guardproxy_escalation", "type": "function", "function": {
-                "name": eff.escalate_to, "arguments": orjson.dumps({"reason": "invalid output: " + "; ".join(
-                    o.errors), "original_tool": None, "original_arguments": None}).decode()}}
+        escalation = refuse_or_escalate(eff, o)
+        if escalation is not None:  # as in the non-streamed path: the invalid text becomes an escalation call
             ctx.actions.append("escalated:output")
             content = None
-        elif o is not None and o.verdict in ("deny", "invalid"):
-            if o.verdict == "deny":
-                raise ProxyError("policy_denied", f"output blocked by rule {o.rule_id}: {o.reason}")
-            raise ProxyError("schema_validation_failed", "model output failed schema validation: "
-                             + "; ".join(o.errors[:10]), extra={"errors": list(o.errors[:50])})
         if content is not None:
             text = o.content if o is not None and o.verdict == "rewrite" and o.content is not None else content
             if text:
