@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from proxy.body import read_json_body, validate_chat_body
 from proxy.costing import conversation_id
+from proxy.declared import response_context
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from proxy.respond import (
@@ -32,7 +33,6 @@ from proxy.respond import (
 )
 from rules.evaluate import evaluate_request, printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
-from rules.schemas import SchemaDefinitionError
 
 if TYPE_CHECKING:
     from proxy.state import AppState
@@ -126,44 +126,6 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
     except BaseException:
         await idem.abort()
         raise
-
-
-def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict[str, Any]) -> None:
-    """Compile (cached by content) the schema a request declares for a tool the policy pins none for."""
-    name, params = fn.get("name"), fn.get("parameters")
-    if not isinstance(name, str) or not isinstance(params, dict):
-        return
-    if any(not s.shadow for s in eff.tool_schemas.get(name, ())):
-        return  # an enforced pinned schema always wins over what the request declares
-    try:
-        declared[name] = state.schema_cache.get(params)
-    except SchemaDefinitionError as exc:
-        raise ProxyError("invalid_request", f"tool {name!r} declares an invalid JSON schema: {exc}",
-                         param="tools") from None
-
-
-def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
-    declared: dict[str, Any] = {}
-    for t in body.get("tools") or ():
-        fn = t.get("function") if isinstance(t, dict) else None
-        if isinstance(fn, dict):
-            _declare(state, eff, declared, fn)
-    for f in body.get("functions") or ():
-        if isinstance(f, dict):
-            _declare(state, eff, declared, f)
-    response_schema = None
-    rf = body.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") == "json_schema":
-        js = rf.get("json_schema")
-        if isinstance(js, dict) and isinstance(js.get("schema"), dict):
-            try:
-                response_schema = state.schema_cache.get(js["schema"])
-            except SchemaDefinitionError as exc:
-                raise ProxyError("invalid_request", f"response_format declares an invalid JSON schema: {exc}",
-                                 param="response_format") from None
-    cfg = state.config.server
-    return ResponseContext(ctx.principal, str(body.get("model")), declared, response_schema,
-                           max_depth=cfg.json_max_depth, max_string=cfg.json_max_string)
 
 
 async def _complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: ResponseContext,

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from rules.yamlsrc import SourceError, YamlLoadError, load_yaml, pydantic_errors
 
+STORE_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,10 +33,18 @@ class ServerConfig(_Frozen):
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_pool_size: int = Field(default=256, gt=0)
+    max_body_depth: int = Field(default=64, gt=0, le=1000)
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    stream_write_timeout_s: float = Field(default=30.0, gt=0)
+    max_stream_buffer_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_tools: int = Field(default=512, gt=0)
+    max_schema_bytes: int = Field(default=65536, gt=0)
+    max_schema_depth: int = Field(default=32, gt=0, le=1000)
     json_max_depth: int = Field(default=32, gt=0)
     json_max_string: int = Field(default=65536, gt=0)
     watch_policies: bool = True
     watch_interval_s: float = Field(default=1.0, gt=0)
+    decision_secret: SecretStr | None = None
 
 
 class PriceConfig(_Frozen):
@@ -100,6 +110,7 @@ class Config(_Frozen):
     policies: tuple[str, ...] = ("policies/",)
     store: str = "memory"
     store_timeout_s: float = Field(default=0.25, gt=0)
+    store_max_entries: int = Field(default=1_000_000, gt=0)
     idempotency_ttl_s: int = Field(default=86400, gt=0)
     approval_ttl_s: int = Field(default=86400, gt=0)
     models: tuple[ModelRoute, ...] = Field(min_length=1)
@@ -107,6 +118,15 @@ class Config(_Frozen):
     admin_keys: tuple[SecretStr, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, v: str) -> str:
+        # A typo (``memroy``) must fail at load, not fall back to a default or fail at first use.
+        scheme = v.split("://", 1)[0].lower() if "://" in v else v
+        if v != "memory" and ("://" not in v or scheme not in STORE_SCHEMES):
+            raise ValueError(f"unknown store {v!r}: use memory or a URL with scheme " + ", ".join(STORE_SCHEMES))
+        return v
 
     @field_validator("admin_keys")
     @classmethod

@@ -20,7 +20,10 @@ import orjson
 CODES: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
+    "idempotency_key_empty": (400, "invalid_request_error"),
     "idempotency_key_too_long": (400, "invalid_request_error"),
+    "schema_too_complex": (400, "invalid_request_error"),
+    "too_many_tools": (400, "invalid_request_error"),
     "invalid_api_key": (401, "authentication_error"),
     "admin_required": (403, "permission_error"),
     "model_not_allowed": (403, "permission_error"),
@@ -29,6 +32,8 @@ CODES: dict[str, tuple[int, str]] = {
     "unpriced_model": (403, "permission_error"),
     "model_not_found": (404, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
+    "decision_not_found": (404, "invalid_request_error"),
+    "body_timeout": (408, "invalid_request_error"),
     "idempotency_in_flight": (409, "conflict_error"),
     "approval_not_pending": (409, "conflict_error"),
     "request_too_large": (413, "invalid_request_error"),
@@ -38,6 +43,7 @@ CODES: dict[str, tuple[int, str]] = {
     "budget_exceeded": (429, "rate_limit_error"),
     "internal_error": (500, "server_error"),
     "upstream_error": (502, "upstream_error"),
+    "output_too_large": (502, "upstream_error"),
     "state_unavailable": (503, "service_unavailable"),
     "upstream_timeout": (504, "upstream_error"),
 }
