@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from proxy.body import read_json_body, validate_chat_body
 from proxy.costing import conversation_id
-from proxy.declared import response_context
+from proxy.declared import check_offered_tools, response_context
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from proxy.respond import (
@@ -62,6 +62,7 @@ async def chat_completions(request: Request) -> Response:
 async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Response:
     raw, body = await read_json_body(request, state.config.server.max_body_bytes)
     validate_chat_body(body)
+    check_offered_tools(body, state.config.server.max_tools)
     ctx.model_asked = ctx.model_used = body["model"]
     ctx.stream = bool(body.get("stream"))
     if state.config.route(body["model"]) is None:
@@ -94,7 +95,7 @@ async def _handle(state: AppState, request: Request, ctx: RequestContext) -> Res
         if ctx.stream and isinstance(body.get("n"), int) and body["n"] > 1:
             raise ProxyError("invalid_request", "n > 1 is not supported with stream: true on this proxy", param="n")
         # Built before the reservation: a bad declared schema is a 400 that must not hold budget.
-        rctx = response_context(state, eff, ctx, body)
+        rctx = await response_context(state, eff, ctx, body)
         plan, costed = await state.cost.admit(eff.cost, ctx.principal, ctx.conversation, body["model"], body,
                                               fail_open=eff.fail_open, now=now,
                                               model_allowed=lambda m: all(

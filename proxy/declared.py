@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from rules.effective import Effective
 
 
+def check_offered_tools(body: dict[str, Any], max_tools: int) -> None:
+    """Refuse (``400 too_many_tools``) a request offering more than ``max_tools`` tools, before any work."""
+    count = sum(len(v) for k in ("tools", "functions") if isinstance(v := body.get(k), list))
+    if count > max_tools:
+        raise ProxyError("too_many_tools", f"the request offers {count} tools; at most {max_tools} are allowed",
+                         param="tools")
+
+
 def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict[str, Any]) -> None:
     """Compile (cached by content) the schema a request declares for a tool the policy pins none for."""
     name, params = fn.get("name"), fn.get("parameters")
@@ -33,7 +41,7 @@ def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict
                          param="tools") from None
 
 
-def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
+async def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
     """The response side's view of the request: declared tool schemas and the ``response_format`` schema."""
     declared: dict[str, Any] = {}
     for t in body.get("tools") or ():
