@@ -41,7 +41,8 @@ def _declare(state: AppState, eff: Effective, declared: dict[str, Any], fn: dict
                          param="tools") from None
 
 
-async def response_context(state: AppState, eff: Effective, ctx: RequestContext, body: dict[str, Any]) -> ResponseContext:
+async def response_context(state: AppState, eff: Effective, ctx: RequestContext,
+                           body: dict[str, Any]) -> ResponseContext:
     """The response side's view of the request: declared tool schemas and the ``response_format`` schema."""
     declared: dict[str, Any] = {}
     for t in body.get("tools") or ():
