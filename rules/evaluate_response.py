@@ -20,12 +20,13 @@ from typing import Any
 
 import orjson
 
+from rules.canonical import call_key
 from rules.celexpr import CelEvalError
 from rules.decision import CallVerdict, Effect, OutputVerdict, ResponseDecision, ToolCallIn, Trail
 from rules.effective import Effective, SchemaC, ToolRuleC
 from rules.evaluate import Principal, printable_name, valid_tool_name
 from rules.schemas import CompiledSchema
-from rules.strictjson import StrictJSONError, args_hash, loads_strict
+from rules.strictjson import StrictJSONError, loads_strict
 
 _RANK = {"allow": 0, "escalate": 1, "require_approval": 2, "deny": 3}
 
@@ -102,7 +103,7 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
     if not schemas and name in ctx.declared_schemas:
         schemas = [ctx.declared_schemas[name]]
     errors = _violations(schemas, args)
-    digest = args_hash(name, args)
+    digest = call_key(name, args, call.arguments or "{}")
     if errors:
         trail.errors.extend(f"{name}: {e}" for e in errors)
         return CallVerdict(call, "invalid", f"{name}:schema", "arguments do not match the schema", args=args,

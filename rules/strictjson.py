@@ -14,8 +14,8 @@ one ``orjson.loads`` plus a few ``bytes.count`` calls and one ``orjson.dumps``
 when those cheap bounds cannot rule a problem out do we walk the value or
 re-parse with the standard library to find the exact reason and path.
 
-``canonical_json`` and ``args_hash`` give a stable byte form and digest of a
-parsed value, for approvals and de-duplication.
+Canonical forms (``canonical_json``, and :func:`rules.canonical.call_key` for comparing calls) live in
+:mod:`rules.canonical`; ``canonical_json`` is re-exported here.
 
 Integers outside the 64-bit range are returned as floats (orjson's behaviour);
 their magnitude, and so any limit comparison, is kept.
@@ -23,15 +23,16 @@ their magnitude, and so any limit comparison, is kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-__all__ = ["REASONS", "StrictJSONError", "args_hash", "canonical_json", "loads_strict"]
+from rules.canonical import canonical_json
+
+__all__ = ["REASONS", "StrictJSONError", "canonical_json", "loads_strict"]
 
 REASONS = frozenset(
     {"invalid_json", "duplicate_key", "non_finite_number", "too_deep", "string_too_long", "too_large"}
@@ -93,31 +94,6 @@ def loads_strict(
     if not _surely_no_duplicates(raw, value):
         _check_duplicates(raw)
     return value
-
-
-def canonical_json(value: Any) -> bytes:
-    """Serialize ``value`` as compact JSON with sorted keys (stable across key order).
-
-    Non-dict mappings are accepted. Values are expected to come from
-    :func:`loads_strict`: orjson writes non-finite floats as ``null`` and raises
-    ``TypeError`` for non-JSON types, non-string keys and integers beyond 64 bits.
-    """
-    return orjson.dumps(value, default=_mapping_default, option=orjson.OPT_SORT_KEYS)
-
-
-def args_hash(tool: str, value: Any) -> str:
-    """SHA-256 hex digest identifying a call of ``tool`` with arguments ``value``.
-
-    Hashes the tool name, a newline, then :func:`canonical_json` of the arguments.
-    Unambiguous because canonical JSON never contains a raw newline.
-    """
-    return hashlib.sha256(tool.encode("utf-8") + b"\n" + canonical_json(value)).hexdigest()
-
-
-def _mapping_default(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise TypeError(type(obj).__name__)  # orjson words the error itself
 
 
 class _NonFinite(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rules.strictjson import REASONS, StrictJSONError, args_hash, canonical_json, loads_strict
+from rules.strictjson import REASONS, StrictJSONError, loads_strict
 
 
 def refusal(text: str | bytes, **limits: int) -> StrictJSONError:
@@ -268,39 +268,3 @@ def test_input_over_byte_limit_is_rejected(text: str | bytes) -> None:
 
 def test_too_large_is_checked_before_parsing() -> None:
     assert refusal("{" * 100, max_bytes=10).reason == "too_large"
-
-
-# --- canonical_json / args_hash ---------------------------------------------------------------
-
-
-def test_canonical_json_sorts_keys_and_drops_whitespace() -> None:
-    value = {"b": 1, "a": {"d": [1, 2.5], "c": "é"}}
-    assert canonical_json(value) == '{"a":{"c":"é","d":[1,2.5]},"b":1}'.encode()
-
-
-def test_canonical_json_is_independent_of_key_order() -> None:
-    assert canonical_json(loads_strict('{"x": 1, "y": {"p": 1, "q": 2}}')) == canonical_json(
-        loads_strict('{"y": {"q": 2, "p": 1}, "x": 1}')
-    )
-
-
-def test_canonical_json_accepts_any_mapping() -> None:
-    assert canonical_json(MappingProxyType({"b": MappingProxyType({"z": 1, "y": 2}), "a": 1})) == (
-        b'{"a":1,"b":{"y":2,"z":1}}'
-    )
-
-
-def test_canonical_json_refuses_non_json_values() -> None:
-    with pytest.raises(TypeError, match="not JSON serializable: set"):
-        canonical_json({"a": {1, 2}})
-
-
-def test_args_hash_is_sha256_of_tool_newline_canonical_json() -> None:
-    expected = hashlib.sha256(b'refund\n{"amount":1,"to":"x"}').hexdigest()
-    assert args_hash("refund", {"to": "x", "amount": 1}) == expected
-
-
-def test_args_hash_separates_tool_and_arguments() -> None:
-    assert args_hash("refund", {"a": 1}) != args_hash("refunds", {"a": 1})
-    assert args_hash("refund", {"a": 1}) != args_hash("refund", {"a": 2})
-    assert args_hash("a", "b") != args_hash("a\n", "b")
