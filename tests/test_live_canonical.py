@@ -80,9 +80,9 @@ def test_once_per_conversation_holds_across_number_spellings(gp: Proxy, mock_ups
 
 def test_a_different_amount_is_a_different_action(gp: Proxy, mock_upstream: Mock) -> None:
     conv = f"canon-diff-{uuid.uuid4().hex[:8]}"
-    mock_upstream.script({"tool_calls": [{"name": "apply_credit", "arguments": '{"customer_id": "c-1", "amount": 20}'}]},
-                         {"tool_calls": [{"name": "apply_credit", "arguments": '{"customer_id": "c-1", "amount": 20.5}'}]},
-                         {"tool_calls": [{"name": "apply_credit", "arguments": '{"customer_id": "c-2", "amount": 20}'}]})
+    for args in ('{"customer_id": "c-1", "amount": 20}', '{"customer_id": "c-1", "amount": 20.5}',
+                 '{"customer_id": "c-2", "amount": 20}'):
+        mock_upstream.script({"tool_calls": [{"name": "apply_credit", "arguments": args}]})
     assert len(_calls(_turn(gp, conv, "apply_credit", ""))) == 1
     assert len(_calls(_turn(gp, conv, "apply_credit", ""))) == 1
     assert len(_calls(_turn(gp, conv, "apply_credit", ""))) == 1  # another customer
@@ -98,7 +98,7 @@ def test_an_approval_binds_the_value_not_the_spelling(gp: Proxy, mock_upstream: 
     assert gp.post(f"/admin/approvals/{approval_id}/approve", key=ADMIN_KEY, json={}).status_code == 200
     respelled = '{"amount": 1.5e2, "to": "acct-9"}'
     mock_upstream.script({"tool_calls": [{"name": "transfer_funds", "arguments": respelled}]},
-                         {"tool_calls": [{"name": "transfer_funds", "arguments": '{"amount": 150.00, "to": "acct-9"}'}]})
+                         {"tool_calls": [{"name": "transfer_funds", "arguments": '{"amount": 150.0, "to": "acct-9"}'}]})
     granted = _turn(gp, conv, "transfer_funds", respelled, key=APPROVER_KEY, tools=[TRANSFER])
     assert _calls(granted) == [("transfer_funds", respelled)]
     assert "approved:transfer_funds" in granted.headers["x-guardproxy-actions"]
