@@ -61,7 +61,7 @@ def main() -> None:
     if compiled is None:
         raise SystemExit("policies failed to compile:\n" + "\n".join(map(str, errors)))
     principal = Principal("support-agent", "support")
-    eff = compiled.for_principal(principal.key_id, principal.team)
+    eff = compiled.for_principal(principal.key_id, principal.team, principal.org)
     declared = {"get_ticket_history": SchemaCache().get(TICKET_SCHEMA)}
     rctx = ResponseContext(principal, "gpt-4o-mini", declared)
     request = evaluate_request(eff, BODY, principal, now=0.0)

@@ -76,6 +76,12 @@ class _Derived(Collector):
                 self.approvals_decided += 1
                 self.approvals_rejected += overridden
 
+    def retract(self, *, overridden: bool) -> None:
+        """A feedback verdict was replaced: it no longer counts."""
+        with self._lock:
+            self.feedback_total -= 1
+            self.feedback_overridden -= overridden
+
     def override_ratio(self) -> float:
         with self._lock:
             denominator = self.approvals_decided + self.feedback_total
@@ -125,8 +131,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self._requests = Counter(
-            "guardproxy_requests_total", "Requests by route, model and HTTP status.",
-            ["route", "model", "status"], registry=r,
+            "guardproxy_requests_total", "Requests by route, model, HTTP status and error code (none: served).",
+            ["route", "model", "status", "code"], registry=r,
         )
         self._request_seconds = Histogram(
             "guardproxy_request_duration_seconds", "Request duration through the proxy, upstream included.",
@@ -163,7 +169,13 @@ class Metrics:
         )
         self._pending = Gauge("guardproxy_approvals_pending", "Approvals waiting for a human.", registry=r)
         self._feedback = Counter(
-            "guardproxy_feedback_total", "Human feedback on decisions by outcome.", ["outcome"], registry=r,
+            "guardproxy_feedback_total", "Human verdicts on decisions by outcome (a replaced verdict counts "
+            "again under its new outcome and once under guardproxy_feedback_retracted_total).", ["outcome"],
+            registry=r,
+        )
+        self._feedback_retracted = Counter(
+            "guardproxy_feedback_retracted_total", "Verdicts replaced by a later verdict on the same decision, "
+            "by the outcome replaced.", ["outcome"], registry=r,
         )
         self._store_errors = Counter(
             "guardproxy_store_errors_total", "State store errors by operation.", ["op"], registry=r,
@@ -187,17 +199,20 @@ class Metrics:
             self._approvals.labels(outcome)
         for outcome in FEEDBACK_OUTCOMES:
             self._feedback.labels(outcome)
+            self._feedback_retracted.labels(outcome)
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
 
     def _model(self, model: str | None) -> str:
         return _pick(model, self.models)
 
-    def observe_request(self, route: str, model: str | None, status: int | str, seconds: float) -> None:
-        """``route`` is the route template (``/v1/chat/completions``), ``status`` the HTTP status."""
+    def observe_request(self, route: str, model: str | None, status: int | str, seconds: float,
+                        code: str | None = None) -> None:
+        """``route`` is the route template (``/v1/chat/completions``), ``status`` the HTTP status, ``code``
+        the error code of a refusal or failure (a registered code; anything else is ``other``)."""
         m = self._model(model)
         route_label = _code(route)
-        self._requests.labels(route_label, m, _code(status)).inc()
+        self._requests.labels(route_label, m, _code(status), _code(code)).inc()
         self._request_seconds.labels(route_label, m).observe(seconds)
 
     def observe_upstream(self, model: str | None, seconds: float) -> None:
@@ -250,11 +265,20 @@ class Metrics:
     def set_pending(self, n: int) -> None:
         self._pending.set(n)
 
-    def feedback(self, outcome: str) -> None:
+    def feedback(self, outcome: str, previous: str | None = None) -> None:
+        """A verdict on a decision; ``previous`` is the verdict it replaces (one verdict per decision, so
+        the override ratio counts decisions, not posts). Repeating the same verdict changes nothing."""
         label = _pick(outcome, FEEDBACK_OUTCOMES)
+        if previous == outcome:
+            return
         self._feedback.labels(label).inc()
-        if label != OTHER:
-            self._derived.count_decision(overridden=label == "overridden", feedback=True)
+        if label == OTHER:
+            return
+        self._derived.count_decision(overridden=label == "overridden", feedback=True)
+        old = _pick(previous, FEEDBACK_OUTCOMES) if previous is not None else None
+        if old is not None and old != OTHER:
+            self._feedback_retracted.labels(old).inc()
+            self._derived.retract(overridden=old == "overridden")
 
     def override_ratio(self) -> float:
         return self._derived.override_ratio()

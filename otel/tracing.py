@@ -237,10 +237,12 @@ class Tracing:
         attributes: Attributes = None,
         *,
         conversation_id: str | None = None,
+        start_time: int | None = None,
     ) -> Span:
         """Start (not activate) the request's SERVER span; the caller ends it (``span.end()`` or
         ``with``). With ``conversation_id`` the span links to that conversation's previous turn and
-        becomes the one the next turn links to."""
+        becomes the one the next turn links to. ``start_time`` (epoch ns) backdates it to when the
+        request arrived."""
         if self._tracer is None:
             return INVALID_SPAN
         links = None
@@ -249,7 +251,7 @@ class Tracing:
             if prev is not None:
                 links = [Link(prev)]
         span = self._tracer.start_span(
-            name, context=context, kind=SpanKind.SERVER, attributes=attributes, links=links
+            name, context=context, kind=SpanKind.SERVER, attributes=attributes, links=links, start_time=start_time
         )
         if conversation_id is not None:
             span.set_attribute(GEN_AI_CONVERSATION_ID, conversation_id)

@@ -57,6 +57,9 @@ class StreamResponse:
 
 
 Handler = Callable[[Request], Response | StreamResponse]
+# Told when a paced stream ends: (completed, events written). A stream the client abandoned reports
+# completed=False, so tests can see that the proxy cancelled its upstream stream.
+StreamObserver = Callable[[bool, int], None]
 
 _STATUS_LINES: Mapping[int, bytes] = {
     int(s): b"HTTP/1.1 %d %s" % (int(s), s.phrase.encode()) for s in HTTPStatus
@@ -111,8 +114,10 @@ class HttpProtocol(asyncio.Protocol):
     """One connection. Replies without sleeps are written synchronously from ``data_received``; a
     reply that sleeps runs in a task, and requests pipelined behind it wait in ``_backlog``."""
 
-    def __init__(self, handler: Handler, connections: set[HttpProtocol]) -> None:
+    def __init__(self, handler: Handler, connections: set[HttpProtocol],
+                 on_stream_end: StreamObserver | None = None) -> None:
         self._handler = handler
+        self._on_stream_end = on_stream_end
         self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -243,12 +248,18 @@ class HttpProtocol(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(encode_stream_head(keep_alive))
         events = reply.events if reply.fail_after is None else reply.events[: reply.fail_after]
-        for i, event in enumerate(events):
-            if i:
-                await asyncio.sleep(reply.chunk_delay)
-                if self._closed:
-                    return
-            self._transport.write(encode_chunk(event))
+        sent = 0
+        try:
+            for i, event in enumerate(events):
+                if i:
+                    await asyncio.sleep(reply.chunk_delay)
+                    if self._closed:
+                        return
+                self._transport.write(encode_chunk(event))
+                sent += 1
+        finally:
+            if self._on_stream_end is not None:
+                self._on_stream_end(sent == len(events) and not self._closed, sent)
         if reply.fail_after is not None:
             self.close()
             return

@@ -66,6 +66,11 @@ class ScriptedReply(BaseModel):
     raw_message: dict[str, Any] | None = None
     extra_choices: tuple[Any, ...] = ()
     raw_deltas: tuple[dict[str, Any], ...] = ()
+    # Sent verbatim as ``usage`` (negative, fractional, huge: whatever a broken provider might send).
+    raw_usage: Any = None
+
+
+_UNSET: Any = object()  # sentinel: no raw usage scripted
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,12 @@ class Plan:
     raw_message: dict[str, Any] | None = None
     extra_choices: tuple[Any, ...] = ()
     raw_deltas: tuple[dict[str, Any], ...] = ()
+    raw_usage: Any = _UNSET
+
+    @property
+    def usage_out(self) -> Any:
+        """The ``usage`` sent: the scripted raw value when there is one, else the computed usage."""
+        return self.usage if self.raw_usage is _UNSET else self.raw_usage
 
 
 def _text_of(content: Any) -> str:
@@ -248,6 +259,7 @@ def build_plan(body: dict[str, Any], reply: ScriptedReply | None) -> Plan:
         raw_message=reply.raw_message if reply else None,
         extra_choices=reply.extra_choices if reply else (),
         raw_deltas=reply.raw_deltas if reply else (),
+        raw_usage=reply.raw_usage if reply is not None and "raw_usage" in reply.model_fields_set else _UNSET,
     )
 
 
@@ -282,7 +294,7 @@ def render_completion(plan: Plan, token: str, created: int) -> bytes:
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason},
                 *plan.extra_choices,
             ],
-            "usage": plan.usage,
+            "usage": plan.usage_out,
         }
     )
 
@@ -329,7 +341,7 @@ def render_stream(plan: Plan, token: str, created: int, include_usage: bool) -> 
     events.extend(event(d) for d in plan.raw_deltas)
     events.append(event({}, plan.finish_reason))
     if include_usage:
-        events.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": plan.usage}) + b"\n\n")
+        events.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": plan.usage_out}) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
 

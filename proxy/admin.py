@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,6 +14,7 @@ from proxy.body import read_raw
 from proxy.errors import ProxyError
 from proxy.responses import error_response, json_response
 from proxy.stores import StoreUnavailable
+from rules.strictjson import StrictJSONError, loads_strict
 
 if TYPE_CHECKING:
     from proxy.state import AppState
@@ -49,27 +49,31 @@ async def _decide(request: Request, approve: bool) -> Response:
     st: AppState = request.app.state.gp
     try:
         st.keys.require_admin(request.headers.get("authorization"))
-        raw = await read_raw(request, 65536)
+        srv = st.config.server
+        raw = await read_raw(request, 65536, timeout_s=srv.body_read_timeout_s)
         note = None
         if raw.strip():
             try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise ProxyError("invalid_json", "body must be JSON like {\"note\": \"...\"}") from None
+                doc = loads_strict(raw, max_depth=srv.max_body_depth, max_bytes=65536)
+            except StrictJSONError as exc:
+                raise ProxyError("invalid_json", f"body must be JSON like {{\"note\": \"...\"}}: {exc}") from None
             note = doc.get("note") if isinstance(doc, dict) else None
             if note is not None and not isinstance(note, str):
                 raise ProxyError("invalid_request", "note must be a string", param="note")
         approval_id = request.path_params["approval_id"]
-        a = await st.store.approval_decide(approval_id, approve, note, "admin", now=time.time())
+        decided = await st.store.approval_decide(approval_id, approve, note, "admin", now=time.time())
     except ProxyError as e:
         return error_response(e)
     except StoreUnavailable:
         return error_response(ProxyError("state_unavailable", "approval store unavailable"))
+    a = decided.approval
     if a is None:
         return error_response(ProxyError("not_found", f"no approval {approval_id!r}"))
-    expected = "approved" if approve else "rejected"
-    if a.status != expected:
+    # Only the call that made the transition answers 200 and is counted: a repeat, or the losers of a race,
+    # get 409 even when the approval ended up in the state they asked for.
+    if not decided.changed:
         return error_response(ProxyError("approval_not_pending", f"approval is {a.status}, not pending"))
+    expected = "approved" if approve else "rejected"
     st.telemetry.metrics.approval(expected)
     if st.telemetry.audit is not None:
         st.telemetry.audit.record({"event": "approval", "approval_id": a.id, "outcome": expected,

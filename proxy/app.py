@@ -28,6 +28,7 @@ from proxy.auth import KeyRing
 from proxy.chat import chat_completions
 from proxy.config import Config
 from proxy.costing import CostGovernor
+from proxy.decisions import DecisionIds
 from proxy.errors import ProxyError
 from proxy.idempotency import Idempotency
 from proxy.policy_source import PolicyHolder
@@ -36,7 +37,7 @@ from proxy.responses import error_response
 from proxy.routes import info_routes
 from proxy.state import AppState
 from proxy.stores import open_store
-from proxy.telemetry import Telemetry
+from proxy.telemetry import Telemetry, team_label
 from proxy.tokens import TokenCounter, configure_offline_encodings
 from proxy.upstream import Upstreams, build_target
 from rules.schemas import SchemaCache
@@ -57,7 +58,7 @@ def build_state(config: Config, *, mock_base: str | None = None) -> AppState:
     prices = PriceBook.load({m.name: m.price.model_dump(exclude_none=True) for m in config.models if m.price})
     configure_offline_encodings()
     tokens = TokenCounter()
-    store = open_store(config.store, timeout_s=config.store_timeout_s)
+    store = open_store(config.store, timeout_s=config.store_timeout_s, max_entries=config.store_max_entries)
     srv = config.server
     targets = {}
     for m in config.models:
@@ -76,13 +77,17 @@ def build_state(config: Config, *, mock_base: str | None = None) -> AppState:
         "exporter": tel.exporter, "endpoint": tel.endpoint, "service_name": tel.service_name,
         "capture_content": tel.capture_content}.items() if v is not None}))
     metrics = Metrics(models=[m.name for m in config.models], keys=[k.id for k in config.keys],
-                      teams=[k.team for k in config.keys if k.team])
+                      teams=[team_label(k.org, k.team) for k in config.keys if k.team])
     audit = AuditLog(str(config.resolve(tel.audit_log)) if tel.audit_log not in (None, "-") else tel.audit_log) \
         if tel.audit_log else None
     telemetry = Telemetry(tracing, metrics, audit, providers={m.name: m.provider for m in config.models})
     holder._on_reload = lambda result, revision: telemetry.policies_loaded(result, revision, holder.current)
+    secret = srv.decision_secret.get_secret_value() if srv.decision_secret is not None else None
+    decision_ids = DecisionIds.from_config(secret, [k.digest() for k in config.keys]
+                                           + [a.get_secret_value() for a in config.admin_keys])
     return AppState(
-        config=config, keys=KeyRing(config), policies=holder, upstreams=Upstreams(srv.upstream_pool_size),
+        config=config, keys=KeyRing(config), policies=holder, decision_ids=decision_ids,
+        upstreams=Upstreams(srv.upstream_pool_size, max_depth=srv.max_body_depth),
         targets=targets, store=store, cost=CostGovernor(config, prices, tokens, store),
         idempotency=Idempotency(store, config.idempotency_ttl_s), schema_cache=SchemaCache(),
         telemetry=telemetry,
@@ -113,7 +118,10 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
             if st.telemetry.audit is not None:
                 st.telemetry.audit.close()
 
-    app = FastAPI(title="guardproxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects: a trailing slash (``/v1/chat/completions/``) is a 404 envelope, not a 307 to the
+    # route. One spelling per path keeps path-based metrics and any path rule in front unambiguous.
+    app = FastAPI(title="guardproxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     st = state or build_state(config)
     errors = st.policies.load_initial()
     if errors:
@@ -133,7 +141,8 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else "invalid_request"
-        err = ProxyError(code, str(exc.detail), status=exc.status_code)
+        # The framework's own headers stay (405 carries ``Allow``).
+        err = ProxyError(code, str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {}))
         return error_response(err)
 
     @app.exception_handler(Exception)

@@ -1,9 +1,18 @@
 """Proxy keys -> principals. Identity comes only from ``Authorization: Bearer <key>``.
 
-Keys are stored as SHA-256 digests (config may give ``key_sha256`` directly) and
-compared with :func:`hmac.compare_digest`, so neither the lookup nor the
-comparison leaks the secret through timing. Nothing the caller writes in
-headers or the body (``user``, ``x-team``, ...) changes who they are.
+Keys are kept only as SHA-256 digests (config may give ``key_sha256`` directly).
+Nothing the caller writes in headers or the body (``user``, ``x-team``, ...)
+changes who they are.
+
+Proxy keys are found by a dict lookup on the digest of the presented key, O(1)
+however many keys are configured. Its timing tells a caller nothing about any
+key: the lookup compares bytes only when the 64-bit hash of the presented
+digest equals a stored one's (in practice: the digests are equal, the key is
+right), and which table slots it probes depends on Python's per-process keyed
+hash of a SHA-256 digest, not on the key's bytes. A caller steers only what goes
+*into* SHA-256, so even a perfect measurement brings them no closer to a key
+whose digest is configured. Admin keys, few, are checked with
+:func:`hmac.compare_digest` against every configured digest.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.app import _needs_mock, build_state, create_app
     from proxy.config import ConfigError, load_config
     from proxy.fastpath import FastPath
+    from proxy.httpserver import http_protocol
 
     logging.basicConfig(level=os.environ.get("GUARDPROXY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,10 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("guardproxy: --workers > 1 needs a shared store (store: redis://...): with the in-memory store each "
               "worker would count budgets, idempotency keys and approvals on its own", file=sys.stderr)
         return 2
+    # Our protocol (JSON envelope for the server's own answers, request deadline); no WebSockets served.
+    http = http_protocol(config.server.body_read_timeout_s)
     if workers > 1:
         os.environ["GUARDPROXY_CONFIG"] = str(Path(_config_path(args.config)).resolve())
         uvicorn.run("proxy.cli:worker_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", log_level="warning", access_log=False)
+                    loop="uvloop", http=http, ws="none", log_level="warning", access_log=False)
         return 0
     mock_base = _start_mock_thread("127.0.0.1") if _needs_mock(config) else None
     try:
@@ -80,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Start-up objects (config, compiled policies, tokenizer tables, imported modules) live forever: move
     # them out of the collector's sight so collections under load stop re-scanning them (~10% CPU/request).
     gc.freeze()
-    uvicorn.run(FastPath(app), host=host, port=port, loop="uvloop", http="httptools", log_level="warning",
+    uvicorn.run(FastPath(app), host=host, port=port, loop="uvloop", http=http, ws="none", log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
     return 0
 
@@ -164,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
     c = sub.add_parser("check", help="validate config and policies; exit 1 on any error")
     c.add_argument("--config")
+    c.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
     c.set_defaults(fn=cmd_check)
     t = sub.add_parser("test", help="run policy test cases (YAML)")
     t.add_argument("dir", nargs="?", default="policies/tests")

@@ -40,6 +40,7 @@ class ServerConfig(_Frozen):
     max_tools: int = Field(default=512, gt=0)
     max_schema_bytes: int = Field(default=65536, gt=0)
     max_schema_depth: int = Field(default=32, gt=0, le=1000)
+    schema_compile_budget_ms: float = Field(default=50.0, gt=0)
     json_max_depth: int = Field(default=32, gt=0)
     json_max_string: int = Field(default=65536, gt=0)
     watch_policies: bool = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,8 @@ from rules.cost import (
 from rules.evaluate import Principal
 
 DEFAULT_OUTPUT_BOUND = 4096
+WOULD_REFUSE = "would_refuse:budget_exceeded"
+PROMPT_SLACK = 256  # tokens a provider may add to a prompt beyond the proxy's own count
 UNLIMITED = 2**52  # a tracking counter: spend is recorded where no ceiling limits it
 TRACKED = EffectiveCost(per_conversation=UNLIMITED, budgets=(BudgetLimit("key", "day", None, UNLIMITED),
                                                              BudgetLimit("team", "day", None, UNLIMITED)))
@@ -70,6 +72,8 @@ class CostPlan:
     prompt_tokens: int
     estimate: int
     ceilings: list[Ceiling] = field(default_factory=list)
+    output_bound: int = 0  # the output tokens the estimate reserved (max_tokens sent upstream, times n)
+    would: list[str] = field(default_factory=list)  # what shadow cost limits would have done
     reservation_id: str | None = None
     downgraded_from: str | None = None
     compressed: tuple[int, int] | None = None
@@ -113,27 +117,40 @@ class CostGovernor:
                 return v, body
         return limit or DEFAULT_OUTPUT_BOUND, body
 
-    def _count(self, model: str, body: dict[str, Any]) -> int:
-        messages = body.get("messages") or []
-        return self.tokens.count_messages(model, messages) + self.tokens.count_tools(model, body.get("tools"))
+    async def count_prompt(self, model: str, body: dict[str, Any]) -> int:
+        """The proxy's own count of the prompt tokens of a request body (off the loop when large)."""
+        return await self.tokens.count_request_async(model, body)
 
     async def admit(self, eff: EffectiveCost | None, principal: Principal, conversation: str, route_name: str,
                     body: dict[str, Any], *, fail_open: bool, now: float,
-                    model_allowed: Callable[[str], bool] = lambda _m: True) -> tuple[CostPlan, dict[str, Any]]:
-        """Price and estimate; apply the ladder; reserve. Raises 403/429/503 ProxyErrors."""
+                    model_allowed: Callable[[str], bool] = lambda _m: True,
+                    shadow: EffectiveCost | None = None) -> tuple[CostPlan, dict[str, Any]]:
+        """Price and estimate; apply the ladder; reserve. Raises 403/429/503 ProxyErrors.
+
+        ``shadow`` is what the limits would be with the shadow policies enforced: the request is judged
+        against it too, and what it would have done lands in ``plan.would`` (``would_refuse:budget_exceeded``,
+        ``would_downgraded:a->b``, ``would_compressed``). Its counters are charged like any other, so a
+        shadow budget sees the real spend."""
         price = self.price_of(route_name)
-        prompt = self._count(route_name, body)
+        prompt = await self.count_prompt(route_name, body)
         when = datetime.fromtimestamp(now, UTC)
         owners = {"key_id": principal.key_id, "team": principal.team, "org": principal.org,
                   # conversation ids are chosen by clients: scope the counter to the key so two keys
                   # reusing one id never share (or see) each other's conversation spend
                   "conversation": f"{principal.key_id}/{conversation}", "now": when}
         specs = ceilings_for(eff, **owners) if eff else []  # type: ignore[arg-type]
-        # Spend is also tracked per key, team and conversation where no ceiling limits it, for reporting.
+        shadow_specs = ceilings_for(shadow, **owners) if shadow else []  # type: ignore[arg-type]
+        # Spend is also tracked where no ceiling limits it: shadow budgets, and per key, team and
+        # conversation for reporting.
         limited = {s.key for s in specs}
-        specs += [s for s in ceilings_for(TRACKED, **owners) if s.key not in limited]  # type: ignore[arg-type]
+        for extra in (*shadow_specs, *ceilings_for(TRACKED, **owners)):  # type: ignore[arg-type]
+            if extra.key not in limited:
+                limited.add(extra.key)
+                specs.append(replace(extra, limit=UNLIMITED))
         ceilings = _store_ceilings(specs)
         plan = CostPlan(price, route_name, prompt, 0, ceilings)
+        if shadow is not None and (shadow.ladder or shadow.compress is not None):
+            await self._shadow_ladder(shadow, shadow_specs, plan, now=now)
         if eff is not None and (eff.ladder or eff.compress is not None):
             body = await self._ladder(eff, plan, body, now=now, fail_open=fail_open, model_allowed=model_allowed)
         ceilings.append(Ceiling(f"model:{plan.model}:day:{when.date().isoformat()}", UNLIMITED, 2 * 86400,
@@ -142,11 +159,14 @@ class CostGovernor:
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
             bound *= n  # every choice can use the whole output bound
+        plan.output_bound = bound
         plan.estimate = estimate_micro(plan.prompt_tokens, bound, plan.price.input_per_mtok,
                                        plan.price.output_per_mtok)
         if eff is not None and not check_per_request(eff, plan.estimate):
             assert eff.per_request is not None
             raise _over("request", "", plan.estimate, eff.per_request, None, now)
+        if shadow is not None and not check_per_request(shadow, plan.estimate):
+            plan.would.append(WOULD_REFUSE)
         try:
             res = await self.store.reserve(ceilings, plan.estimate, now=now)
         except StoreUnavailable:
@@ -159,9 +179,25 @@ class CostGovernor:
             assert failed is not None
             raise _over(failed.scope, failed.window, res.spent, failed.limit, failed.reset_at, now)
         plan.reservation_id = res.reservation_id
+        if WOULD_REFUSE not in plan.would and any(res.fills.get(c.key, 0) + plan.estimate > c.limit
+                                                  for c in shadow_specs):
+            plan.would.append(WOULD_REFUSE)
         conv_key = next(c.key for c in ceilings if c.scope == "conversation")
         plan.conversation_spend = res.fills.get(conv_key)
         return plan, body
+
+    async def _shadow_ladder(self, shadow: EffectiveCost, specs: list[Any], plan: CostPlan, *, now: float) -> None:
+        """What the ladder would do with the shadow limits in force (reported, never applied)."""
+        try:
+            used = await self.store.usage(_store_ceilings(specs), now=now) if specs else {}
+        except StoreUnavailable:
+            return
+        step = ladder_step(shadow, fill_of((used.get(s.key, 0), s.limit) for s in specs))
+        target = step.model_for(plan.model)
+        if target != plan.model and self.config.route(target) is not None:
+            plan.would.append(f"would_downgraded:{plan.model}->{target}")
+        if compress_target(shadow, step, plan.prompt_tokens) is not None:
+            plan.would.append("would_compressed")
 
     async def _ladder(self, eff: EffectiveCost, plan: CostPlan, body: dict[str, Any], *, now: float,
                       fail_open: bool, model_allowed: Callable[[str], bool]) -> dict[str, Any]:
@@ -189,12 +225,33 @@ class CostGovernor:
             if result.dropped:
                 body = {**body, "messages": result.messages}
                 before = plan.prompt_tokens
-                plan.prompt_tokens = self._count(plan.model, body)
+                plan.prompt_tokens = await self.count_prompt(plan.model, body)
                 plan.compressed = (before, plan.prompt_tokens)
         return body
 
+    @staticmethod
+    def bound_usage(plan: CostPlan, usage: dict[str, Any], prompt_tokens: int) -> tuple[dict[str, Any], bool]:
+        """``usage`` with counts the upstream cannot have used capped: completion tokens at the output bound
+        the proxy sent (``max_tokens``, times ``n``), prompt tokens at twice the proxy's own count (at least
+        the count plus :data:`PROMPT_SLACK`: providers add a few tokens of their own for tools and formats).
+        One bad answer can then never charge more than about twice what was reserved. Returns (usage, capped)."""
+        out = dict(usage)
+        capped = False
+        prompt_cap = max(2 * prompt_tokens, prompt_tokens + PROMPT_SLACK)
+        for name, cap in (("completion_tokens", plan.output_bound), ("prompt_tokens", prompt_cap)):
+            v = out.get(name)
+            if isinstance(v, int) and cap and v > cap:
+                out[name], capped = cap, True
+        if capped:
+            out["total_tokens"] = int(out.get("prompt_tokens") or 0) + int(out.get("completion_tokens") or 0)
+            details = out.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                out["prompt_tokens_details"] = {**details,
+                                                "cached_tokens": min(details["cached_tokens"], out["prompt_tokens"])}
+        return out, capped
+
     async def settle(self, plan: CostPlan, usage: dict[str, Any] | None, *, streamed_text: str = "",
-                     now: float) -> None:
+                     extra_output_tokens: int = 0, now: float) -> None:
         """Replace the reservation by the real cost (idempotent). Without usage, charge input + output so far."""
         if plan.settled:
             return
@@ -206,7 +263,8 @@ class CostGovernor:
             except ValueError:
                 plan.actual = plan.estimate  # malformed usage (negative, bool): bill the bound, never zero
         else:
-            out_tokens = self.tokens.count_text(plan.model, streamed_text) if streamed_text else 0
+            out_tokens = await self.tokens.count_text_async(plan.model, streamed_text) if streamed_text else 0
+            out_tokens += extra_output_tokens
             plan.actual = cost_micro(plan.prompt_tokens, p.input_per_mtok) + cost_micro(out_tokens,
                                                                                       p.output_per_mtok)
         if plan.reservation_id is None and plan.degraded:

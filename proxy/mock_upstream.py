@@ -60,6 +60,7 @@ class MockUpstream:
         self.calls: deque[tuple[bytes, list[tuple[bytes, bytes]], bytes]] = deque(maxlen=CALL_LOG_LIMIT)
         self._call_bytes = 0
         self.chat_requests = 0
+        self.stream_stats = {"completed": 0, "abandoned": 0, "events_sent": 0}  # paced streams only
         self.models: dict[str, None] = dict.fromkeys(_BASE_MODELS)
         self.connections: set[HttpProtocol] = set()
         # Cached default answers are rendered with a placeholder id and created, stamped per request.
@@ -79,7 +80,8 @@ class MockUpstream:
             (b"POST", b"/_mock/script"): self._script,
             (b"POST", b"/_mock/reset"): self._reset,
             (b"GET", b"/_mock/calls"): self._calls,
-            (b"GET", b"/_mock/stats"): lambda _: _json(200, {"chat_requests": self.chat_requests}),
+            (b"GET", b"/_mock/stats"): lambda _: _json(200, {"chat_requests": self.chat_requests,
+                                                             "streams": self.stream_stats}),
         }
 
     def handle(self, req: Request) -> Response | StreamResponse:
@@ -95,7 +97,11 @@ class MockUpstream:
 
     def protocol(self) -> HttpProtocol:
         """Protocol factory for ``loop.create_server``."""
-        return HttpProtocol(self.handle, self.connections)
+        return HttpProtocol(self.handle, self.connections, self._stream_ended)
+
+    def _stream_ended(self, completed: bool, events: int) -> None:
+        self.stream_stats["completed" if completed else "abandoned"] += 1
+        self.stream_stats["events_sent"] += events
 
     def close_connections(self) -> None:
         for conn in list(self.connections):
@@ -190,6 +196,7 @@ class MockUpstream:
         self.calls.clear()
         self._call_bytes = 0
         self.chat_requests = 0
+        self.stream_stats = dict.fromkeys(self.stream_stats, 0)
         return _json(200, {"ok": True})
 
     def _calls(self, _: Request) -> Response:

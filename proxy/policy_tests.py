@@ -84,7 +84,7 @@ def run_policy_tests(dir: str, policies: str | None, *, verbose: bool) -> int:
                 print(f"    {line}")
         if verbose:
             p = lc.case.principal
-            print(f"    policies: {', '.join(compiled.for_principal(p.key, p.team).policy_names) or '-'}")
+            print(f"    policies: {', '.join(compiled.for_principal(p.key, p.team, p.org).policy_names) or '-'}")
             for line in render(result.full):
                 print(f"    | {line}")
     print(f"{passed} passed, {failed} failed (policy revision {compiled.revision})")

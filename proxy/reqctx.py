@@ -16,9 +16,13 @@ from rules.cost import micro_to_usd_str
 from rules.decision import Decision
 from rules.evaluate import Principal
 
+ANONYMOUS = Principal("-")  # the principal of a request refused before a key was recognised
+
 
 def new_decision_id() -> str:
-    return "dec_" + os.urandom(10).hex()
+    """An unbound id (tests and refusals before authentication); served requests get
+    :meth:`proxy.decisions.DecisionIds.issue` ids, which name their key."""
+    return "dec_" + os.urandom(16).hex()
 
 
 @dataclass
@@ -27,6 +31,8 @@ class RequestContext:
     route: str = "/v1/chat/completions"
     decision_id: str = field(default_factory=new_decision_id)
     started: float = field(default_factory=time.perf_counter)
+    started_ns: int = field(default_factory=time.time_ns)
+    authenticated: bool = True
     conversation: str = ""
     model_asked: str = ""
     model_used: str = ""
@@ -39,6 +45,7 @@ class RequestContext:
     errors: list[str] = field(default_factory=list)
     tool_outcomes: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     approval_ids: list[str] = field(default_factory=list)
+    effects: list[Any] = field(default_factory=list)  # grants consumed (proxy.respond.Consumed), until delivered
     plan: CostPlan | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     finish_reasons: list[str] = field(default_factory=list)

@@ -17,10 +17,10 @@ import orjson
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
+from proxy.texts import message_texts
 from rules.decision import CallVerdict, OutputVerdict, ResponseDecision, ToolCallIn
 from rules.effective import Effective
 from rules.evaluate import printable_name
-from rules.evaluate_response import escalate_invalid
 
 
 def extract_calls(message: dict[str, Any]) -> list[ToolCallIn]:
@@ -64,12 +64,8 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
     out = Outcome()
     for v in verdicts:
         c = v.call
-        if v.verdict == "invalid" and v.on_invalid == "escalate":
-            esc = escalate_invalid(eff, c, v.errors)
-            if esc is not None:
-                v = esc
         if v.verdict == "allow":
-            if v.once and v.args_hash and not await _first_time(store, ctx, v, fail_open):
+            if await _repeated(store, ctx, v, fail_open):
                 reason = f"{c.name} with these arguments was already called in this conversation"
                 ctx.actions.append(f"tool_denied:{c.name}")
                 ctx.rule_ids.append("once_per_conversation")
@@ -79,13 +75,25 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
             ctx.tool_outcomes.append((c.name, "allowed", None, ""))
             out.kept.append(_kept(c, c.name, c.arguments))
         elif v.verdict == "escalate":
-            assert v.new_name is not None and v.new_arguments is not None
+            # The escalation call was decided through every layer: it is kept, held, or (a repeat) removed.
+            then = v.then
+            assert then is not None
             ctx.tool_outcomes.append((c.name, "escalated", v.rule_id, v.reason))
-            if v.errors:
-                ctx.actions.append(f"escalated:{c.name}")
-            out.kept.append(_kept(c, v.new_name, v.new_arguments))
+            if then.verdict == "hold":
+                if await _hold(store, ctx, then, approval_ttl_s=approval_ttl_s):
+                    out.kept.append(_kept(c, then.call.name, then.call.arguments))
+                else:
+                    ref = f"; approval id {ctx.approval_ids[-1]}" if ctx.approval_ids else ""
+                    out.notes.append(f"{c.name}: escalated to {then.call.name}, which awaits human approval "
+                                     f"({then.rule_id}: {then.reason}{ref})")
+            elif await _repeated(store, ctx, then, fail_open):
+                out.notes.append(f"{c.name}: escalated to {then.call.name}, which was already called with these "
+                                 "arguments in this conversation (once_per_conversation)")
+                ctx.rule_ids.append("once_per_conversation")
+            else:
+                out.kept.append(_kept(c, then.call.name, then.call.arguments))
         elif v.verdict == "hold":
-            kept = await _hold(store, ctx, v, approval_ttl_s=approval_ttl_s, fail_open=fail_open)
+            kept = await _hold(store, ctx, v, approval_ttl_s=approval_ttl_s)
             if kept:
                 out.kept.append(_kept(c, c.name, c.arguments))
             else:
@@ -101,6 +109,19 @@ async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdi
     return out
 
 
+async def _repeated(store: Store, ctx: RequestContext, v: CallVerdict, fail_open: bool) -> bool:
+    """Whether a once-per-conversation call repeats one already made in this conversation (marking it
+    now otherwise). A shadow policy's once rule marks too, and reports ``would_block_once:<tool>``."""
+    if not (v.once or v.shadow_once) or not v.args_hash:
+        return False
+    first = await _first_time(store, ctx, v, fail_open if v.once else True)
+    if v.once:
+        return not first
+    if not first:
+        ctx.would.append(f"would_block_once:{v.call.name}")
+    return False
+
+
 def _scoped_hash(ctx: RequestContext, v: CallVerdict) -> str:
     # Conversation ids are chosen by clients, so two keys may send the same one: markers and approvals are
     # per principal, or one key could spend another's human approval. The hash is fixed-length hex, so
@@ -109,20 +130,24 @@ def _scoped_hash(ctx: RequestContext, v: CallVerdict) -> str:
 
 
 async def _first_time(store: Store, ctx: RequestContext, v: CallVerdict, fail_open: bool) -> bool:
+    call_hash = _scoped_hash(ctx, v)
     try:
-        return await store.mark_once(ctx.conversation, _scoped_hash(ctx, v), ttl_s=7 * 86400)
+        first = await store.mark_once(ctx.conversation, call_hash, ttl_s=7 * 86400)
     except StoreUnavailable:
         ctx.degraded = True
         return fail_open
+    if first:
+        ctx.effects.append(Consumed("once", ctx.conversation, call_hash))
+    return first
 
 
-async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_ttl_s: int,
-                fail_open: bool) -> bool:
+async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_ttl_s: int) -> bool:
     """True when a prior human approval covers exactly this call (consumed now); else record a pending one."""
     c, now = v.call, time.time()
     try:
         prior = await store.approval_find(ctx.conversation, c.name, _scoped_hash(ctx, v), now=now)
         if prior is not None and prior.status == "approved" and await store.approval_consume(prior.id, now=now):
+            ctx.effects.append(Consumed("approval", ctx.conversation, prior.id))
             ctx.actions.append(f"approved:{c.name}")
             ctx.approval_ids.append(prior.id)
             ctx.tool_outcomes.append((c.name, "allowed", v.rule_id, f"approved by {prior.decided_by or 'reviewer'}"))
@@ -144,6 +169,31 @@ async def _hold(store: Store, ctx: RequestContext, v: CallVerdict, *, approval_t
     ctx.approval_ids.append(a.id)
     ctx.tool_outcomes.append((c.name, "held", v.rule_id, v.reason))
     return False
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """A one-time grant used up by this response: a once-per-conversation marker or an approval. Given back
+    (:func:`give_back`) when the response that carries the call is never delivered."""
+
+    kind: str  # "once" | "approval"
+    conversation: str
+    ref: str  # the scoped call hash, or the approval id
+
+
+async def give_back(store: Store, ctx: RequestContext) -> None:
+    """Undo every grant this request consumed: its response did not reach the agent (the upstream or
+    the client failed after the calls were decided), so the agent may ask again and get them."""
+    effects, ctx.effects = ctx.effects, []
+    for e in effects:
+        try:
+            if e.kind == "once":
+                await store.unmark_once(e.conversation, e.ref)
+            else:
+                await store.approval_unconsume(e.ref, now=time.time())
+        except StoreUnavailable:
+            ctx.degraded = True  # the marker expires or the approval stays used: fail closed
+        ctx.actions.append(f"given_back:{e.kind}")
 
 
 def blocked_text(notes: list[str]) -> str:
@@ -197,17 +247,17 @@ def message_of(choice: Any) -> dict[str, Any]:
 
 
 def refuse_or_escalate(eff: Effective, out: OutputVerdict | None) -> dict[str, Any] | None:
-    """For a denied or invalid output: the escalation tool call that replaces it (``on_invalid: escalate``
-    with an allowed escalation tool), else raise the refusal. None when the output stands."""
-    if out is None or out.verdict not in ("deny", "invalid"):
+    """For a denied, invalid or escalated output: the escalation tool call that replaces it (decided by
+    the core through every layer), else raise the refusal. None when the output stands."""
+    del eff  # the core decided the escalation already
+    if out is None or out.verdict not in ("deny", "invalid", "escalate"):
         return None
     if out.verdict == "deny":
         raise ProxyError("policy_denied", f"output blocked by rule {out.rule_id}: {out.reason}")
-    if out.on_invalid == "escalate" and eff.escalate_to and eff.tool_blocked(eff.escalate_to)[0] is None:
-        arguments = {"reason": "invalid output: " + "; ".join(out.errors), "original_tool": None,
-                     "original_arguments": None}
-        return {"id": "call_guardproxy_escalation", "type": "function",
-                "function": {"name": eff.escalate_to, "arguments": orjson.dumps(arguments).decode()}}
+    if out.verdict == "escalate" and out.escalation is not None:
+        call = out.escalation.call
+        return {"id": call.id or "call_guardproxy_escalation", "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
     raise ProxyError("schema_validation_failed", "model output failed schema validation: "
                      + "; ".join(out.errors[:10]), extra={"errors": list(out.errors[:50])})
 
@@ -239,21 +289,8 @@ def repair_body(body: dict[str, Any], message: dict[str, Any], decision: Respons
 
 
 def message_text(message: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """(content as text, other text fields) of an assistant message, for output inspection.
-
-    List content is joined from its text parts; ``refusal``, reasoning and audio transcripts are the other
-    text a model can put in front of the agent, so deny patterns look at them too.
-    """
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    elif not isinstance(content, str):
-        content = None
-    others = [v for k in ("refusal", "reasoning_content", "reasoning") if isinstance(v := message.get(k), str) and v]
-    audio = message.get("audio")
-    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
-        others.append(audio["transcript"])
-    return content, others
+    """(content as text, every other text field) of an assistant message, for output inspection."""
+    return message_texts(message)
 
 
 def dumps(obj: Any) -> bytes:

@@ -28,7 +28,7 @@ async def list_models(request: Request) -> Response:
     except ProxyError as e:
         return error_response(e)
     current = st.policies.current
-    eff = current.for_principal(p.key_id, p.team) if current else None
+    eff = current.for_principal(p.key_id, p.team, p.org) if current else None
     data = []
     for m in st.config.models:
         if eff is not None and any(not shadow and m.name not in allowed for _, shadow, allowed in eff.model_gates):
@@ -84,23 +84,43 @@ async def spend(request: Request) -> Response:
     return json_response({"object": "list", "data": out})
 
 
+FEEDBACK_TTL_S = 90 * 86400  # how long a verdict is remembered, so a later one replaces it
+
+
 async def feedback(request: Request) -> Response:
-    """``{decision_id, outcome: overridden|confirmed}``: an app reports a human reversal later."""
+    """``{decision_id, outcome: overridden|confirmed}``: a human's verdict on one of the caller's decisions.
+
+    Accepted only for a decision issued to the caller's own key (any key's, for an admin key); any other
+    id is ``404 decision_not_found``, the same answer whether it exists or not. One verdict per decision:
+    a later one replaces the earlier, so the override ratio counts decisions, not posts.
+    """
     st: AppState = request.app.state.gp
+    srv = st.config.server
+    auth = request.headers.get("authorization")
     try:
-        st.keys.principal(request.headers.get("authorization"))
-        _, body = await read_json_body(request, 65536)
+        admin = st.keys.is_admin(auth)
+        sender = "admin" if admin else st.keys.principal(auth).key_id
+        _, body = await read_json_body(request, 65536, max_depth=srv.max_body_depth,
+                                       timeout_s=srv.body_read_timeout_s)
         did, outcome = body.get("decision_id"), body.get("outcome")
         if not isinstance(did, str) or not did:
             raise ProxyError("invalid_request", "decision_id must be a non-empty string", param="decision_id")
         if outcome not in ("overridden", "confirmed"):
             raise ProxyError("invalid_request", "outcome must be overridden or confirmed", param="outcome")
+        owner = (st.decision_ids.owner(did, [k.id for k in st.config.keys]) if admin
+                 else sender if st.decision_ids.issued_to(did, sender) else None)
+        if owner is None:
+            raise ProxyError("decision_not_found", "no such decision for this key", param="decision_id")
+        previous = await st.store.feedback_set(did, outcome, sender, ttl_s=FEEDBACK_TTL_S)
     except ProxyError as e:
         return error_response(e)
-    st.telemetry.metrics.feedback(outcome)
+    except StoreUnavailable:
+        return error_response(ProxyError("state_unavailable", "feedback store unavailable"))
+    st.telemetry.metrics.feedback(outcome, previous)
     if st.telemetry.audit is not None:
-        st.telemetry.audit.record({"event": "feedback", "decision_id": did, "outcome": outcome})
-    return json_response({"ok": True, "decision_id": did, "outcome": outcome})
+        st.telemetry.audit.record({"event": "feedback", "decision_id": did, "outcome": outcome,
+                                   "previous": previous, "by": sender, "key": owner})
+    return json_response({"ok": True, "decision_id": did, "outcome": outcome, "replaced": previous})
 
 
 def info_routes() -> list[tuple[str, Callable[..., Any], list[str]]]:

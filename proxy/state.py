@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from starlette.responses import Response
 from proxy.auth import KeyRing
 from proxy.config import Config
 from proxy.costing import CostGovernor
+from proxy.decisions import DecisionIds
 from proxy.errors import ProxyError
 from proxy.idempotency import Idempotency
 from proxy.policy_source import PolicyHolder
@@ -27,6 +29,7 @@ class AppState:
     config: Config
     keys: KeyRing
     policies: PolicyHolder
+    decision_ids: DecisionIds
     upstreams: Upstreams
     targets: dict[str, UpstreamTarget]
     store: Store
@@ -35,17 +38,19 @@ class AppState:
     schema_cache: SchemaCache
     telemetry: Telemetry
     background: list[Any] = field(default_factory=list)
+    schema_lane: asyncio.Lock = field(default_factory=asyncio.Lock)  # one declared-schema compile at a time
     mock_server: Any = None
 
-    def error_response(self, err: ProxyError, ctx: RequestContext | None, *, route: str | None = None) -> Response:
-        """The one error envelope, with the decision headers when a request context exists."""
-        if ctx is None and route is not None:
-            self.telemetry.metrics.observe_request(route, None, err.status, 0.0)
-        return error_response(err, ctx.decision_id if ctx else None, ctx.headers() if ctx else None)
+    @staticmethod
+    def error_response(err: ProxyError, ctx: RequestContext) -> Response:
+        """The one error envelope, with the request's decision headers."""
+        return error_response(err, ctx.decision_id, ctx.headers())
 
     async def call_upstream(self, ctx: RequestContext, target: UpstreamTarget, body: dict[str, Any],
-                            raw: bytes | None) -> dict[str, Any]:
-        """One non-streaming upstream attempt, traced and timed."""
+                            raw: bytes | None, *, prompt_tokens: int) -> dict[str, Any]:
+        """One non-streaming upstream attempt, traced and timed. The answer's shape is checked (a body the
+        proxy cannot read is ``502 upstream_error``) and its usage, capped at what this attempt can have
+        used (``prompt_tokens`` is the proxy's count of this attempt's prompt), is added to ``ctx``."""
         ctx.upstream_attempts += 1
         headers: dict[str, str] = {}
         span = self.telemetry.upstream_span(ctx, target.model, headers)
@@ -56,10 +61,13 @@ class AppState:
             self.telemetry.upstream_done(span, error=err)
             raise
         self.telemetry.metrics.observe_upstream(target.route.name, time.perf_counter() - t0)
+        usage = data.get("usage")
+        if usage and ctx.plan is not None:
+            usage, capped = self.cost.bound_usage(ctx.plan, usage, prompt_tokens)
+            if capped and "usage_capped" not in ctx.actions:
+                ctx.actions.append("usage_capped")
+        ctx.add_usage(usage)
         if span is not None:
-            usage = data.get("usage") or {}
-            span.set_attributes({"gen_ai.response.model": str(data.get("model", "")),
-                                 "gen_ai.usage.input_tokens": int(usage.get("prompt_tokens") or 0),
-                                 "gen_ai.usage.output_tokens": int(usage.get("completion_tokens") or 0)})
-            span.end()
+            span.set_attribute("gen_ai.response.model", str(data.get("model", "")))
+        self.telemetry.upstream_done(span, usage=usage)
         return data

@@ -1,33 +1,38 @@
 """Streaming (SSE) responses: text flows live, tool calls are held until decided.
 
-Text deltas are forwarded byte for byte as they arrive (no re-serialisation)
-unless the policy inspects the output (schema, output rules, deny patterns),
-in which case the content is buffered until it validates; this trades
-time-to-first-token for the guarantee. Tool-call deltas are buffered per index
-until the model finishes, then decided, and only then emitted, rewritten or
-removed: no byte of a blocked call reaches the client. Upstream is always asked
-for ``include_usage`` so the request can be settled; the usage chunk is passed
-on only if the client asked for it. A failure midway ends the stream with an
-SSE error event; a client that disconnects is still charged.
+Text deltas are forwarded byte for byte as they arrive (no re-serialisation) unless the policy inspects
+the output (schema, output rules, deny patterns), in which case every text the model streams (content,
+refusal, reasoning, audio transcripts...) is held until the whole answer is checked; this trades
+time-to-first-token for the guarantee, and what is held is bounded (``server.max_stream_buffer_bytes``,
+else ``output_too_large``). Tool-call deltas are buffered per index until the model finishes, then
+decided, and only then emitted, rewritten or removed: no byte of a blocked call reaches the client.
+
+The upstream is always asked for ``include_usage`` so the request can be settled; the usage chunk is
+passed on only if the client asked for it. A failure midway ends the stream with an SSE error event. A
+client that disconnects or stops reading (:mod:`proxy.sse`) ends the relay at once: the upstream request
+is closed, the request is charged for what the upstream produced until then, grants consumed for tool
+calls the client never received are given back, and buffers are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.responses import StreamingResponse
 
+from proxy import upstream_shape as shape
 from proxy.errors import ProxyError, sse_error_event
 from proxy.idempotency import IdemHandle
 from proxy.reqctx import RequestContext
 from proxy.respond import (
     blocked_text,
     extract_calls,
+    give_back,
     message_of,
     message_text,
     refuse_or_escalate,
@@ -36,6 +41,8 @@ from proxy.respond import (
     resolve_calls,
     still_invalid,
 )
+from proxy.sse import ENDED_COMPLETED, RelayResponse
+from proxy.texts import CALL_KEYS, strings
 from rules.decision import ToolCallIn
 from rules.evaluate import printable_name
 from rules.evaluate_response import ResponseContext, evaluate_response
@@ -44,16 +51,8 @@ if TYPE_CHECKING:
     from proxy.state import AppState
     from rules.effective import Effective
 
+log = logging.getLogger("guardproxy")
 DONE = b"data: [DONE]\n\n"
-_OTHER_TEXT = ("refusal", "reasoning_content", "reasoning")
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ProxyError("upstream_error", "upstream sent a malformed stream chunk")
-    return value
 
 
 def _event(obj: Any) -> bytes:
@@ -61,19 +60,29 @@ def _event(obj: Any) -> bytes:
 
 
 class _Relay:
+    """What one stream has read so far, and the events still owed to the client."""
+
     def __init__(self, state: AppState, ctx: RequestContext, eff: Effective, rctx: ResponseContext,
-                 body: dict[str, Any], idem: IdemHandle, client_usage: bool) -> None:
-        self.state, self.ctx, self.eff, self.rctx, self.body, self.idem = state, ctx, eff, rctx, body, idem
+                 body: dict[str, Any], client_usage: bool, record: bool) -> None:
+        self.state, self.ctx, self.eff, self.rctx, self.body = state, ctx, eff, rctx, body
         self.client_usage = client_usage
         self.buffer_text = eff.inspects_output or rctx.response_schema is not None
+        self.max_depth = state.config.server.max_body_depth
+        self.limit = state.config.server.max_stream_buffer_bytes
         self.calls: dict[int, dict[str, Any]] = {}
         self.legacy: dict[str, Any] | None = None
-        self.text: list[str] = []
+        self.text: list[str] = []  # content fragments (held when buffering; kept for billing otherwise)
+        self.other: dict[tuple[Any, ...], list[str]] = {}  # every other text, by field path
+        self.held: list[dict[str, Any]] = []  # buffering: the non-content deltas, replayed once checked
+        self.size = 0  # bytes of text read (held or kept for billing)
+        self.unkept = 0  # bytes of pass-through text past the bound, billed by size
         self.template: dict[str, Any] | None = None
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
-        self.recorded: list[bytes] = []
-        self.other: dict[str, list[str]] = {}  # refusal / reasoning text, held with the content when buffering
+        self.recorded: list[bytes] | None = [] if record else None  # for an Idempotency-Key replay
+        self.recorded_size = 0
+        self.calls_at = 0  # index of the first closing event that may carry a decided tool call
+        self.calls_delivered = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         t = self.template or {"id": "chatcmpl-guardproxy", "created": int(time.time()), "model": self.ctx.model_used}
@@ -84,80 +93,76 @@ class _Relay:
             out["system_fingerprint"] = t["system_fingerprint"]
         return out
 
-    def _take(self, payload: bytes) -> bytes | None:
+    def _keep(self, text: str) -> bool:
+        """Account for ``text`` read from the upstream; False when it is past the bound (not kept)."""
+        n = len(text)
+        if self.size + n > self.limit:
+            if self.buffer_text:
+                raise ProxyError("output_too_large", f"the output grew past {self.limit} bytes before it "
+                                 "could be checked")
+            self.unkept += n
+            return False
+        self.size += n
+        return True
+
+    def take(self, payload: bytes) -> bytes | None:
         """Absorb one upstream chunk; return the bytes to forward now, if any."""
-        chunk = orjson.loads(payload)
-        if not isinstance(chunk, dict):
-            raise ProxyError("upstream_error", "upstream sent a malformed stream chunk")
+        chunk = shape.chunk(shape.parse(payload, max_depth=self.max_depth))
         if self.template is None:
             self.template = chunk
-        if isinstance(chunk.get("usage"), dict):
+        if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
         choices = chunk.get("choices") or []
         if not choices:
             return None  # the usage chunk: re-emitted at the end if the client asked for it
-        ch = choices[0]
-        delta = ch.get("delta") if isinstance(ch, dict) else None
-        if delta is None:
-            delta = {}
-        if not isinstance(delta, dict):
-            raise ProxyError("upstream_error", "upstream sent a malformed stream chunk")
+        ch = choices[0]  # n > 1 streams are refused; other choices of a hostile upstream are dropped
+        delta = ch.get("delta") or {}
         finish = ch.get("finish_reason")
         content = delta.get("content")
-        if isinstance(content, str) and content:
+        if isinstance(content, str) and content and self._keep(content):
             self.text.append(content)
         tool_deltas = delta.get("tool_calls")
+        for td in tool_deltas or ():
+            self._take_tool_delta(td)
         fc = delta.get("function_call")
-        if tool_deltas:
-            if not isinstance(tool_deltas, list):
-                raise ProxyError("upstream_error", "upstream sent malformed tool-call deltas")
-            for td in tool_deltas:
-                self._take_tool_delta(td)
         if fc is not None:
-            if not isinstance(fc, dict):
-                raise ProxyError("upstream_error", "upstream sent a malformed function_call delta")
             if self.legacy is None:
                 self.legacy = {"name": "", "args": []}
-            self.legacy["name"] += _text(fc.get("name"))
-            self.legacy["args"].append(_text(fc.get("arguments")))
-        for key in _OTHER_TEXT:
-            value = delta.get(key)
-            if isinstance(value, str) and value:
-                self.other.setdefault(key, []).append(value)
+            self.legacy["name"] += fc.get("name") or ""
+            self.legacy["args"].append(fc.get("arguments") or "")
+        rest = {k: v for k, v in delta.items() if k not in CALL_KEYS and k != "content"}
+        for path, text in strings(rest):
+            if self._keep(text):
+                self.other.setdefault(path, []).append(text)
         if finish:
             self.finish = finish
-            if isinstance(content, str) and content and not self.buffer_text:
-                return _event(self._chunk({"content": content}))
-            return None
-        if not tool_deltas and fc is None and not self.buffer_text and len(choices) == 1:
-            return b"data: " + payload + b"\n\n"  # the fast path: forward as received
-        rest = {k: v for k, v in delta.items() if k not in ("tool_calls", "function_call")}
         if self.buffer_text:
-            rest.pop("content", None)
-            for key in _OTHER_TEXT:
-                rest.pop(key, None)
-            if "role" in rest:
-                rest["content"] = ""
-        if rest:
-            return _event(self._chunk(rest))
-        return None
+            role = rest.pop("role", None)
+            if any(v is not None for v in rest.values()):
+                self.held.append(rest)
+            return _event(self._chunk({"role": role, "content": ""})) if role is not None else None
+        if not tool_deltas and fc is None and len(choices) == 1 and not finish:
+            return b"data: " + payload + b"\n\n"  # the fast path: forward as received
+        # Tool-call deltas are held and the finish chunk is sent at the end: forward the rest of the delta.
+        out = {**rest, "content": content} if isinstance(content, str) and content else rest
+        return _event(self._chunk(out)) if any(v is not None for v in out.values()) else None
 
-    def _take_tool_delta(self, td: Any) -> None:
-        if not isinstance(td, dict):
-            raise ProxyError("upstream_error", "upstream sent a malformed tool-call delta")
-        idx = td.get("index", 0)
+    def _take_tool_delta(self, td: dict[str, Any]) -> None:
         fn = td.get("function") or {}
-        if not isinstance(idx, int) or isinstance(idx, bool) or not isinstance(fn, dict):
-            raise ProxyError("upstream_error", "upstream sent a malformed tool-call delta")
-        slot = self.calls.setdefault(idx, {"id": None, "name": "", "args": []})
+        slot = self.calls.setdefault(td.get("index", 0), {"id": None, "name": "", "args": []})
         if td.get("id"):
-            slot["id"] = _text(td["id"])
-        slot["name"] += _text(fn.get("name"))
-        slot["args"].append(_text(fn.get("arguments")))
+            slot["id"] = td["id"]
+        slot["name"] += fn.get("name") or ""
+        slot["args"].append(fn.get("arguments") or "")
+        self.size += len(fn.get("arguments") or "")
+        if self.size > self.limit:
+            raise ProxyError("output_too_large", f"tool-call arguments grew past {self.limit} bytes")
 
     def billable_text(self) -> str:
-        """Everything the model produced so far, tool-call arguments included (charged on disconnect)."""
+        """Everything the model produced so far: text, other text fields, tool-call names and arguments."""
         parts = list(self.text)
+        for fragments in self.other.values():
+            parts.extend(fragments)
         for s in self.calls.values():
             parts.extend((s["name"], *s["args"]))
         if self.legacy is not None:
@@ -177,8 +182,9 @@ class _Relay:
         content = "".join(self.text) if self.buffer_text else None
         other_text = ["".join(v) for v in self.other.values()] if self.buffer_text else []
         decision = evaluate_response(eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
+        held = self.held
         if repair_budget(decision) > 0:
-            decision, content, calls = await self._repair(decision, calls, content)
+            decision, content, calls, held = await self._repair(decision, calls, content)
         ctx.absorb(decision)
         st.telemetry.response_decision(ctx, decision)
         out: list[bytes] = []
@@ -187,13 +193,13 @@ class _Relay:
         escalation = refuse_or_escalate(eff, o)
         if escalation is not None:  # as in the non-streamed path: the invalid text becomes an escalation call
             ctx.actions.append("escalated:output")
-            content = None
+            content, held = None, []
+        out.extend(_event(self._chunk(delta)) for delta in held)  # reasoning, refusal, audio: checked now
         if content is not None:
             text = o.content if o is not None and o.verdict == "rewrite" and o.content is not None else content
             if text:
                 out.append(_event(self._chunk({"content": text})))
-            for key, parts in self.other.items():  # held refusal / reasoning text, now cleared
-                out.append(_event(self._chunk({key: "".join(parts)})))
+        self.calls_at = len(out)
         if decision.calls:
             outcome = await resolve_calls(st.store, ctx, eff, decision.calls,
                                           approval_ttl_s=st.config.approval_ttl_s, fail_open=eff.fail_open)
@@ -224,28 +230,30 @@ class _Relay:
         out.append(DONE)
         return out
 
-    async def _repair(self, decision: Any, calls: list[ToolCallIn], content: str | None) -> tuple[Any, Any, Any]:
+    async def _repair(self, decision: Any, calls: list[ToolCallIn],
+                      content: str | None) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
         """Ask again (non-streamed) with the validator's errors; the first valid answer is emitted."""
         st, ctx = self.state, self.ctx
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls and not calls[0].legacy:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        plan = ctx.plan
+        assert plan is not None
+        held: list[dict[str, Any]] = self.held
         for _ in range(repair_budget(decision)):
             ctx.repairs += 1
             st.telemetry.metrics.repair("attempted")
-            plan = ctx.plan
-            assert plan is not None
-            data = await st.call_upstream(ctx, st.targets[plan.model], repair_body(self.body, message, decision), None)
-            ctx.add_usage(data.get("usage") if isinstance(data.get("usage"), dict) else None)
-            choices = data.get("choices")
-            choice = choices[0] if isinstance(choices, list) and choices else None
-            if not isinstance(choice, dict):
-                raise ProxyError("upstream_error", "upstream response has no choices")
+            attempt = repair_body(self.body, message, decision)
+            data = await st.call_upstream(ctx, st.targets[plan.model], attempt, None,
+                                          prompt_tokens=await st.cost.count_prompt(plan.model, attempt))
+            choice = data["choices"][0]
             message = message_of(choice)
             calls = extract_calls(message)
             text, other_text = message_text(message)
             content = text if self.buffer_text or not calls else None
+            held = [{k: v for k, v in message.items() if k not in CALL_KEYS and k not in ("content", "role")}]
+            held = [h for h in held if h]
             self.finish = choice.get("finish_reason") or self.finish
             decision = evaluate_response(self.eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
             if not still_invalid(decision):
@@ -254,13 +262,22 @@ class _Relay:
                     ctx.actions.extend(f"repaired:{printable_name(c.name)}" for c in calls)
                 else:
                     ctx.actions.append("repaired:output")
-                return decision, content, calls
+                return decision, content, calls, held
         st.telemetry.metrics.repair("exhausted")
-        return decision, content, calls
+        return decision, content, calls, held
+
+    def record(self, event: bytes) -> None:
+        if self.recorded is None:
+            return
+        self.recorded_size += len(event)
+        if self.recorded_size > self.limit:
+            self.recorded = None  # too big to keep for a replay: the key is released instead
+        else:
+            self.recorded.append(event)
 
 
 async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, rctx: ResponseContext,
-                          body: dict[str, Any], forward_raw: bytes | None, idem: IdemHandle) -> StreamingResponse:
+                          body: dict[str, Any], forward_raw: bytes | None, idem: IdemHandle) -> RelayResponse:
     plan = ctx.plan
     assert plan is not None
     so_raw = body.get("stream_options")
@@ -279,79 +296,77 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
         state.telemetry.upstream_done(span, error=exc)
         await state.cost.release(plan, now=time.time())
         raise
-    relay = _Relay(state, ctx, eff, rctx, body, idem, client_usage)
+    relay = _Relay(state, ctx, eff, rctx, body, client_usage, record=idem.key is not None)
     resp_headers = ctx.headers()
-    started = False
-
-    def cleanup(completed: bool, error: ProxyError | None) -> None:
-        # Runs on success, on error and when the client goes away (CancelledError / GeneratorExit), and also
-        # when the client left before the first byte (the body generator never started): settle in a task,
-        # since the request's own task may be cancelled.
-        state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
-        settle = state.cost.settle(plan, ctx.usage or None, streamed_text=relay.billable_text(), now=time.time())
-        task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, completed, error, settle, events))
-        state.background.append(task)
-        task.add_done_callback(lambda t: state.background.remove(t) if t in state.background else None)
+    outcome: dict[str, Any] = {"completed": False, "error": None}
 
     async def gen() -> AsyncIterator[bytes]:
-        nonlocal started
-        started = True
-        completed = False
-        error: ProxyError | None = None
         try:
             async for payload in events:
                 if payload == b"[DONE]":
                     break
-                out = relay._take(payload)
+                out = relay.take(payload)
                 if out is not None:
-                    relay.recorded.append(out)
+                    relay.record(out)
                     yield out
-            state.telemetry.upstream_done(span, usage=relay.usage)
-            ctx.add_usage(relay.usage)
-            for ev in await relay.closing_events():
-                relay.recorded.append(ev)
+            usage = relay.usage
+            if usage:
+                usage, capped = state.cost.bound_usage(plan, usage, plan.prompt_tokens)
+                if capped:
+                    ctx.actions.append("usage_capped")
+            state.telemetry.upstream_done(span, usage=usage)
+            ctx.add_usage(usage)
+            closing = await relay.closing_events()
+            for i, ev in enumerate(closing):
+                relay.record(ev)
                 yield ev
-            completed = True
+                if i >= relay.calls_at:
+                    relay.calls_delivered = True  # the consumer came back for more: the call was sent
+            outcome["completed"] = True
         except ProxyError as err:
-            error = err
+            outcome["error"] = err
             ctx.status, ctx.error_code = 200, err.code
             yield sse_error_event(err, ctx.decision_id)
-        except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError, KeyError):
-            error = ProxyError("upstream_error", "upstream sent a malformed stream chunk")
-            yield sse_error_event(error, ctx.decision_id)
-        finally:
-            cleanup(completed, error)
+        except Exception:
+            log.exception("unexpected error in the stream of %s", ctx.decision_id)
+            bug = ProxyError("internal_error", "internal error; see the proxy log")
+            outcome["error"] = bug
+            ctx.status, ctx.error_code = 200, bug.code
+            yield sse_error_event(bug, ctx.decision_id)
 
-    def never_started() -> None:
-        if not started:
-            cleanup(False, None)
+    def on_end(ended: str) -> None:
+        # Runs however the stream ended, also when the client left before the first byte: the rest runs
+        # in a task, since the request's own task may be cancelled.
+        if ended != ENDED_COMPLETED:
+            ctx.actions.append(ended)
+        error = outcome["error"]
+        state.telemetry.upstream_done(span, error=error)  # no-op unless the upstream stream broke
+        task = asyncio.ensure_future(_finish(state, ctx, idem, relay, resp_headers, bool(outcome["completed"]),
+                                             error, events))
+        state.background.append(task)
+        task.add_done_callback(lambda t: state.background.remove(t) if t in state.background else None)
 
-    return _GuardedStream(gen(), never_started, media_type="text/event-stream", headers=resp_headers)
-
-
-class _GuardedStream(StreamingResponse):
-    """A streaming response that still settles and closes upstream if the body was never iterated."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kw: Any) -> None:
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
+    return RelayResponse(gen(), resp_headers, write_timeout_s=state.config.server.stream_write_timeout_s,
+                         on_end=on_end)
 
 
 async def _finish(state: AppState, ctx: RequestContext, idem: IdemHandle, relay: _Relay, headers: dict[str, str],
-                  completed: bool, error: ProxyError | None, settle: Any, events: Any) -> None:
+                  completed: bool, error: ProxyError | None, events: Any) -> None:
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()  # releases the upstream connection now rather than at garbage collection
-    await settle
-    if completed:
-        await idem.complete_stream(200, {k: v for k, v in headers.items()}, relay.recorded)
+        with contextlib.suppress(Exception):  # a broken upstream stream is already reported as the error
+            await aclose()  # closes the upstream request now: the model stops generating
+    plan = ctx.plan
+    assert plan is not None
+    if ctx.effects and not relay.calls_delivered:
+        await give_back(state.store, ctx)
+    # Without usage from the upstream (it was cut off), the text read is counted; what went past the buffer
+    # bound unkept is billed at one token per byte, an upper bound.
+    await state.cost.settle(plan, ctx.usage or None, streamed_text=relay.billable_text(),
+                            extra_output_tokens=relay.unkept, now=time.time())
+    relay.text, relay.other, relay.held, relay.calls = [], {}, [], {}  # drop buffers before the audit work
+    if completed and relay.recorded is not None:
+        await idem.complete_stream(200, dict(headers), relay.recorded)
     else:
         await idem.abort()
     state.telemetry.finish(ctx, error=error)

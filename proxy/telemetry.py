@@ -22,7 +22,7 @@ from otel.metrics import Metrics
 from otel.tracing import Tracing, mark_error, span_ids
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
-from rules.cost import micro_to_usd_str
+from rules.cost import DEFAULT_ORG, micro_to_usd_str
 from rules.decision import Decision
 
 if TYPE_CHECKING:
@@ -37,6 +37,13 @@ GENAI_PROVIDERS: dict[str, str] = {
     "cohere": "cohere", "deepseek": "deepseek", "xai": "x_ai", "perplexity": "perplexity",
     "watsonx": "ibm.watsonx.ai",
 }
+
+
+def team_label(org: str, team: str | None) -> str:
+    """A team's metric label: teams are ``(org, team)``; the default org's teams keep their bare name."""
+    if team is None:
+        return ""
+    return team if org == DEFAULT_ORG else f"{org}/{team}"
 
 
 def genai_provider(provider: str) -> str:
@@ -69,17 +76,19 @@ class Telemetry:
             self.metrics.tools, self.metrics.rules = label_vocabulary(compiled)
 
     # -- spans ---------------------------------------------------------------
-    def begin(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
-        """Start the server span once the model and conversation are known."""
+    def begin(self, ctx: RequestContext, headers: Mapping[str, str] | None) -> None:
+        """Start the server span once the model and conversation are known (it starts when the request
+        did). A request refused earlier gets its span from :meth:`finish`."""
         if not self.tracing.enabled:
             return
-        parent = self.tracing.extract_context(headers)
-        ctx.span = self.tracing.start_server_span(
-            f"chat {ctx.model_asked}", parent,
-            {sc.GEN_AI_OPERATION_NAME: "chat", sc.GEN_AI_REQUEST_MODEL: ctx.model_asked,
-             sc.GUARDPROXY_DECISION_ID: ctx.decision_id, "http.request.method": "POST",
-             "http.route": ctx.route},
-            conversation_id=ctx.conversation or None)
+        parent = self.tracing.extract_context(headers) if headers is not None else None
+        name = f"chat {ctx.model_asked}" if ctx.model_asked else "chat"
+        attrs = {sc.GEN_AI_OPERATION_NAME: "chat", sc.GUARDPROXY_DECISION_ID: ctx.decision_id,
+                 "http.request.method": "POST", "http.route": ctx.route}
+        if ctx.model_asked:
+            attrs[sc.GEN_AI_REQUEST_MODEL] = ctx.model_asked
+        ctx.span = self.tracing.start_server_span(name, parent, attrs, conversation_id=ctx.conversation or None,
+                                                  start_time=ctx.started_ns)
 
     def _decision_span(self, ctx: RequestContext, name: str, d: Decision) -> None:
         if ctx.span is None:
@@ -139,11 +148,14 @@ class Telemetry:
         seconds = time.perf_counter() - ctx.started
         status = error.status if error is not None else ctx.status
         m = self.metrics
-        m.observe_request(ctx.route, ctx.model_asked or None, status, seconds)
+        m.observe_request(ctx.route, ctx.model_asked or None, status, seconds,
+                          code=error.code if error is not None else ctx.error_code)
+        if ctx.span is None:
+            self.begin(ctx, None)  # refused before the model was known (401, bad JSON): still one span
         plan = ctx.plan
         p = ctx.principal
         if plan is not None and plan.settled:
-            m.add_usage(p.team or "", p.key_id, ctx.model_used, int(ctx.usage.get("prompt_tokens", 0)),
+            m.add_usage(team_label(p.org, p.team), p.key_id, ctx.model_used, int(ctx.usage.get("prompt_tokens", 0)),
                         int(ctx.usage.get("completion_tokens", 0)), plan.actual)
         for action in ctx.actions:
             kind = action.split(":", 1)[0]
@@ -203,9 +215,9 @@ class Telemetry:
         plan = ctx.plan
         return {
             "decision_id": ctx.decision_id, "trace_id": ids[0] if ids else None,
-            "span_id": ids[1] if ids else None, "principal": {"key": ctx.principal.key_id,
-                                                               "team": ctx.principal.team,
-                                                               "org": ctx.principal.org},
+            "span_id": ids[1] if ids else None,
+            "principal": {"key": ctx.principal.key_id, "team": ctx.principal.team, "org": ctx.principal.org}
+            if ctx.authenticated else None,
             "conversation": ctx.conversation or None, "policy_revision": ctx.revision or None,
             "rule_ids": ctx.rule_ids, "actions": ctx.actions, "would": ctx.would, "reasons": ctx.reasons,
             "errors": ctx.errors, "tool_calls": [{"tool": t, "outcome": o, "rule": r} for t, o, r, _ in

@@ -15,14 +15,27 @@ of parts (text and refusal parts are tokenized; every other part, e.g. an image,
 tokens). Assistant ``tool_calls`` (and legacy ``function_call``) count their function name and
 arguments. Agents resend the whole history every turn, so each message's count is cached in a bounded
 LRU keyed by (encoding, hash of the message's canonical JSON): a turn tokenizes only its new messages.
+
+Everything else in the request that the model reads is counted too (tools, legacy ``functions``,
+``response_format`` schemas, ``tool_choice``, ``prediction``...): each top-level field except the
+messages, sampling scalars and pure bookkeeping (``metadata``, ``user``, ``stream_options``...) counts as
+the tokens of its canonical JSON. Images count their high-detail bound unless they ask for ``detail: low``.
+
+Nothing blocks the event loop: :meth:`TokenCounter.count_request_async` counts the uncached part of a
+request inline only when it is small, else in the counter's own worker thread (tiktoken releases the GIL
+while it encodes), so a 7 MB prompt is counted while other requests are served. The cache is guarded by a
+lock so the worker thread and the loop can share it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,6 +51,13 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 NON_TEXT_PART_TOKENS = 85
+IMAGE_LOW_TOKENS = 85
+IMAGE_HIGH_TOKENS = 1445  # 85 + 170 per 512 px tile, at most 8 tiles once scaled to fit 768 x 2048
+_KEY_TEXT_MAX = 4096  # longer message texts are cache-keyed by digest
+INLINE_CHARS = 16_384  # uncached text above this is counted in the worker thread
+# Top-level request fields the model does not read (or that are scalars counted nowhere).
+NOT_PROMPT = frozenset({"messages", "model", "metadata", "user", "stream", "stream_options", "store",
+                        "service_tier", "prompt_cache_key", "safety_identifier", "tools"})
 
 # checked in order, so "gpt-4o" is tried before "gpt-4"
 _PREFIXES: tuple[tuple[str, str], ...] = (
@@ -82,11 +102,14 @@ def _digest(obj: Any) -> bytes:
 def _message_key(message: Mapping[str, Any]) -> Any:
     """The cache key of a message: the common ``{role, content: str}`` shape keys by its strings directly
     (hashing a str is far cheaper than serialising and digesting it: long histories are mostly these);
-    anything else by a digest of its canonical JSON."""
+    anything else by a digest of its canonical JSON. Long strings are keyed by their digest too, so the
+    cache never holds megabytes of prompt text as keys."""
     if len(message) == 2:
         role, content = message.get("role"), message.get("content")
         if isinstance(role, str) and isinstance(content, str):
-            return (role, content)
+            if len(content) <= _KEY_TEXT_MAX:
+                return (role, content)
+            return (role, hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=16).digest())
     return _digest(message)
 
 
@@ -94,8 +117,8 @@ class TokenCounter:
     """Counts prompt tokens; owns its encoders and LRU caches (one instance per app).
 
     ``encode_calls`` counts calls into tiktoken, ``cache_hits`` / ``cache_misses`` the per-message and
-    per-tool cache lookups; both exist so tests and metrics can see the cache working. Not thread-safe:
-    call it from the event loop thread (or give each worker thread its own counter).
+    per-tool cache lookups; both exist so tests and metrics can see the cache working. The cache and the
+    counters are guarded by a lock: the loop and the counter's worker thread share them.
     """
 
     def __init__(self, *, max_cached: int = 65_536) -> None:
@@ -103,9 +126,12 @@ class TokenCounter:
         self._max_cached = max_cached
         self._encoders: dict[str, tiktoken.Encoding] = {}
         self._cache: OrderedDict[tuple[str, Any], int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
         self.encode_calls = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.offloaded = 0  # requests counted in the worker thread
 
     def encoder(self, encoding: str) -> tiktoken.Encoding:
         """The tiktoken encoder for an encoding name, loaded on first use."""
@@ -113,8 +139,9 @@ class TokenCounter:
         if enc is None:
             import tiktoken  # deferred so TIKTOKEN_CACHE_DIR is in place before any encoding loads
 
-            enc = tiktoken.get_encoding(encoding)
-            self._encoders[encoding] = enc
+            with self._lock:
+                enc = self._encoders.get(encoding) or tiktoken.get_encoding(encoding)
+                self._encoders[encoding] = enc
         return enc
 
     def warm(self, encodings: tuple[str, ...] = (O200K, CL100K)) -> None:
@@ -125,23 +152,26 @@ class TokenCounter:
     def _encode_len(self, encoding: str, text: str) -> int:
         if not text:
             return 0
-        self.encode_calls += 1
+        with self._lock:
+            self.encode_calls += 1
         # encode_ordinary: user text containing "<|endoftext|>" is just text, not an error
         return len(self.encoder(encoding).encode_ordinary(text))
 
     def _cached(self, key: tuple[str, Any]) -> int | None:
-        n = self._cache.get(key)
-        if n is None:
-            self.cache_misses += 1
-            return None
-        self.cache_hits += 1
-        self._cache.move_to_end(key)
-        return n
+        with self._lock:
+            n = self._cache.get(key)
+            if n is None:
+                self.cache_misses += 1
+                return None
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+            return n
 
     def _store(self, key: tuple[str, Any], n: int) -> None:
-        self._cache[key] = n
-        if len(self._cache) > self._max_cached:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = n
+            if len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
 
     def cache_size(self) -> int:
         """Number of cached message/tool counts."""
@@ -165,9 +195,18 @@ class TokenCounter:
                 elif isinstance(part, str):
                     n += self._encode_len(encoding, part)
                 else:
-                    n += NON_TEXT_PART_TOKENS
+                    n += self._part_tokens(encoding, part)
             return n
         return self._encode_len(encoding, orjson.dumps(content).decode())
+
+    def _part_tokens(self, encoding: str, part: Any) -> int:
+        """A non-text content part: images by their detail bound, anything else (audio, files) by the
+        tokens of its JSON, so a large payload can never pass as a few tokens."""
+        if isinstance(part, Mapping) and part.get("type") == "image_url":
+            image = part.get("image_url")
+            low = isinstance(image, Mapping) and image.get("detail") == "low"
+            return IMAGE_LOW_TOKENS if low else IMAGE_HIGH_TOKENS
+        return max(NON_TEXT_PART_TOKENS, self._encode_len(encoding, orjson.dumps(part).decode()))
 
     def _call_tokens(self, encoding: str, call: Any) -> int:
         fn = call.get("function", call) if isinstance(call, Mapping) else None
@@ -224,3 +263,69 @@ class TokenCounter:
                 self._store(key, n)
             total += n
         return total
+
+    # -- whole requests, off the loop when large ----------------------------------------------------
+    def _extras(self, body: Mapping[str, Any]) -> list[Any]:
+        """Everything besides messages the model reads: tools one by one, then each other prompt field."""
+        items: list[Any] = list(body.get("tools") or ()) if isinstance(body.get("tools"), list) else []
+        items.extend({k: v} for k, v in body.items()
+                     if k not in NOT_PROMPT and v is not None and not isinstance(v, bool | int | float))
+        return items
+
+    def _item_key(self, encoding: str, item: Any) -> tuple[tuple[str, Any], bytes]:
+        canonical = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+        return (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest()), canonical
+
+    def count_request(self, model: str, body: Mapping[str, Any]) -> int:
+        """Prompt tokens of a whole request body: messages plus every other field the model reads."""
+        messages = body.get("messages")
+        total = self.count_messages(model, messages if isinstance(messages, list) else [])
+        encoding = encoding_for(model)
+        for item in self._extras(body):
+            key, canonical = self._item_key(encoding, item)
+            n = self._cached(key)
+            if n is None:
+                n = self._encode_len(encoding, canonical.decode())
+                self._store(key, n)
+            total += n
+        return total
+
+    async def count_request_async(self, model: str, body: Mapping[str, Any]) -> int:
+        """:meth:`count_request`, with the uncached part counted in the worker thread when it is large."""
+        encoding = encoding_for(model)
+        messages = body.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        pending = 0
+        for m in messages:
+            if not isinstance(m, Mapping):
+                continue
+            with self._lock:
+                hit = (encoding, _message_key(m)) in self._cache
+            if not hit:
+                content = m.get("content")
+                pending += len(content) if isinstance(content, str) else len(orjson.dumps(m))
+            if pending > INLINE_CHARS:
+                break
+        if pending <= INLINE_CHARS:
+            pending += sum(len(orjson.dumps(item)) for item in self._extras(body))
+        if pending <= INLINE_CHARS:
+            return self.count_request(model, body)
+        self.offloaded += 1
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.count_request, model, body)
+
+    async def count_text_async(self, model: str, text: str) -> int:
+        """:meth:`count_text`, in the worker thread when the text is large."""
+        if len(text) <= INLINE_CHARS:
+            return self.count_text(model, text)
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.count_text, model, text)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        # One thread: large counts queue behind each other instead of taking every core from the loop.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardproxy-tokens")
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the worker thread (app shutdown)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from proxy import upstream_shape as shape
 from proxy.config import ModelRoute
 from proxy.errors import ProxyError
 
@@ -52,10 +53,6 @@ def build_target(route: ModelRoute, *, api_base: str | None, timeout_s: float, c
     return UpstreamTarget(route, f"{base}/chat/completions", headers, route.upstream_model, timeout)
 
 
-class UpstreamError(ProxyError):
-    """An upstream failure mapped to the error envelope."""
-
-
 def upstream_failure(status: int | None, detail: str = "") -> ProxyError:
     if status is None:
         return ProxyError("upstream_error", f"upstream unreachable{': ' + detail if detail else ''}")
@@ -79,8 +76,9 @@ def _upstream_message(raw: bytes, target: UpstreamTarget) -> str:
 class Upstreams:
     """Owns the pooled HTTP session; sends chat requests to a target."""
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(self, pool_size: int, *, max_depth: int = 64) -> None:
         self._pool_size = pool_size
+        self._max_depth = max_depth
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -93,8 +91,8 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
-    def _prepare(self, target: UpstreamTarget, body: dict[str, Any], raw: bytes | None,
-                 extra_headers: dict[str, str]) -> bytes:
+    @staticmethod
+    def _prepare(target: UpstreamTarget, body: dict[str, Any], raw: bytes | None) -> bytes:
         if raw is not None and body.get("model") == target.model:
             return raw
         if body.get("model") != target.model:
@@ -107,9 +105,9 @@ class Upstreams:
         if target.url is None:
             from proxy.upstream_litellm import litellm_complete
 
-            return await litellm_complete(target, body)
+            return shape.completion(await litellm_complete(target, body))
         assert self._session is not None
-        data = self._prepare(target, body, raw, extra_headers)
+        data = self._prepare(target, body, raw)
         try:
             async with self._session.post(target.url, data=data, headers={**target.headers, **extra_headers},
                                           timeout=target.timeout) as resp:
@@ -120,13 +118,7 @@ class Upstreams:
             raise ProxyError("upstream_timeout", "upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise upstream_failure(None, type(exc).__name__) from None
-        try:
-            parsed = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise ProxyError("upstream_error", "upstream returned a body that is not JSON") from None
-        if not isinstance(parsed, dict):
-            raise ProxyError("upstream_error", "upstream returned an unexpected body")
-        return parsed
+        return shape.completion(shape.parse(payload, max_depth=self._max_depth))
 
     async def stream(self, target: UpstreamTarget, body: dict[str, Any], raw: bytes | None,
                      extra_headers: dict[str, str]) -> AsyncIterator[bytes]:
@@ -139,7 +131,7 @@ class Upstreams:
 
             return litellm_stream(target, body)
         assert self._session is not None
-        data = self._prepare(target, body, raw, extra_headers)
+        data = self._prepare(target, body, raw)
         ctx = self._session.post(target.url, data=data, headers={**target.headers, **extra_headers},
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=target.timeout.sock_connect,
                                                                sock_read=target.timeout.total))

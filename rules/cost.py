@@ -35,6 +35,7 @@ MICRO_PER_USD = 1_000_000
 TOKENS_PER_MTOK = 1_000_000
 TTL_MARGIN_S = 3600
 CONVERSATION_TTL_S = 7 * 86400
+DEFAULT_ORG = "default"
 
 
 def _decimal(value: object) -> Decimal:
@@ -289,6 +290,16 @@ def escape_ident(ident: str) -> str:
     return ident.replace("%", "%25").replace(":", "%3A")
 
 
+def team_counter_id(org: str | None, team: str) -> str:
+    """A team's identity in counter names: teams are ``(org, team)``, so ``support`` in two orgs never
+    shares a counter. The default org keeps the bare team name (``team:support:...``); any other org is
+    ``<org>/<team>``, with ``/`` escaped inside both parts so no pair can alias another."""
+    esc_team = escape_ident(team).replace("/", "%2F")
+    if org in (None, DEFAULT_ORG):
+        return esc_team
+    return escape_ident(org).replace("/", "%2F") + "/" + esc_team
+
+
 def _window_bounds(b: BudgetLimit, now: datetime) -> tuple[str, str, datetime, datetime]:
     """(window name, period label, start, end) of the window containing ``now``."""
     if b.minutes is not None:
@@ -317,7 +328,7 @@ def ceilings_for(
 
     A budget whose scope the request lacks (no team, no org) and a conversation limit without a
     conversation id yield no counter: there is nothing to charge. The per-request limit is not a
-    counter; see :func:`check_per_request`.
+    counter; see :func:`check_per_request`. A team is identified with its org (:func:`team_counter_id`).
     """
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
@@ -326,14 +337,16 @@ def ceilings_for(
     if eff.per_conversation is not None and conversation is not None:
         key = f"conversation:{escape_ident(conversation)}"
         out.append(CeilingSpec(key, eff.per_conversation, CONVERSATION_TTL_S, "conversation", None, None))
-    owners: dict[str, str | None] = {"key": key_id, "team": team, "org": org}
+    owners: dict[str, str | None] = {"key": escape_ident(key_id),
+                                     "team": team_counter_id(org, team) if team is not None else None,
+                                     "org": escape_ident(org) if org is not None else None}
     for b in eff.budgets:
         owner = owners[b.scope]
         if owner is None:
             continue
         window, label, start, end = _window_bounds(b, now)
         ttl_s = int((end - start).total_seconds()) + TTL_MARGIN_S
-        key = f"{b.scope}:{escape_ident(owner)}:{window}:{label}"
+        key = f"{b.scope}:{owner}:{window}:{label}"
         out.append(CeilingSpec(key, b.limit, ttl_s, b.scope, window, end.timestamp()))
     return out
 

@@ -94,9 +94,11 @@ class CallVerdict:
     on_invalid: str = "deny"
     max_repairs: int = 0
     once: bool = False
-    # For "escalate": the rewritten call.
+    shadow_once: bool = False  # a shadow policy marks the tool once-per-conversation: report repeats
+    # For "escalate": the rewritten call, and the decision on it (every layer's; "allow" or "hold").
     new_name: str | None = None
     new_arguments: str | None = None
+    then: CallVerdict | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class OutputVerdict:
     errors: tuple[str, ...] = ()
     on_invalid: str = "deny"
     max_repairs: int = 0
+    escalation: CallVerdict | None = None  # "escalate": the call that replaces the output, as decided
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Stage 3a: the request side. ``evaluate_request(effective, body, principal, now=...)``.
 
-Refuses a disallowed model or a forced disallowed tool; strips disallowed tools
-from ``tools`` / ``functions`` before the model sees them; clamps numeric
-parameters. Pure: the body is never mutated in place (copy on first change),
-and an unchanged body is returned as the same object so the shell can forward
-the original bytes.
+Refuses a disallowed model or a forced disallowed tool (every forcing field is
+checked: ``tool_choice`` in each of its shapes and the legacy ``function_call``);
+strips disallowed tools from ``tools`` / ``functions`` before the model sees
+them; clamps numeric parameters once into the interval every enforcing limit
+leaves (the highest ``min``, the lowest ``max``). Pure: the body is never
+mutated in place (copy on first change), and an unchanged body is returned as
+the same object so the shell can forward the original bytes.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rules.decision import Refusal, RequestDecision, Trail
-from rules.effective import Effective
+from rules.effective import TOKEN_PARAMS, Effective, ParamC
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,34 @@ def _check_model(req: _Req, model: str) -> RequestDecision | None:
     return None
 
 
-def _forced_tool(body: dict[str, Any]) -> tuple[str | None, str | None]:
+def _named(entry: Any, kind: str) -> Any:
+    """The name in ``{type: kind, kind: {name}}`` (``None`` for any other shape: an invalid name)."""
+    inner = entry.get(kind) if isinstance(entry, dict) else None
+    return inner.get("name") if isinstance(inner, dict) else None
+
+
+def _choice_names(choice: dict[str, Any]) -> list[Any]:
+    kind = choice.get("type")
+    if kind == "allowed_tools":
+        spec = choice.get("allowed_tools")
+        tools = spec.get("tools") if isinstance(spec, dict) else None
+        if not isinstance(tools, list):
+            return [None]
+        return [_named(t, "custom" if isinstance(t, dict) and t.get("type") == "custom" else "function")
+                for t in tools]
+    return [_named(choice, "custom" if kind == "custom" else "function")]
+
+
+def _forced_tools(body: dict[str, Any]) -> list[tuple[Any, str]]:
+    """Every (tool name, field) the body forces or restricts the model to; each field independently."""
+    forced: list[tuple[Any, str]] = []
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
-        fn = choice.get("function")
-        return (fn.get("name") if isinstance(fn, dict) else None), "tool_choice"
+        forced.extend((name, "tool_choice") for name in _choice_names(choice))
     fc = body.get("function_call")
     if isinstance(fc, dict):
-        return fc.get("name"), "function_call"
-    return None, None
+        forced.append((fc.get("name"), "function_call"))
+    return forced
 
 
 def _strip_tools(req: _Req) -> None:
@@ -144,42 +164,63 @@ def printable_name(name: Any) -> str:
     return safe or "<empty>"
 
 
+def _rule(lim: ParamC) -> str:
+    return f"{lim.policy}:models.params.{lim.name}"
+
+
+def _moves(lim: ParamC, value: Any, tokens: bool) -> bool:
+    """Whether ``lim`` alone would change ``value`` (an absent token limit is set from a ``max``)."""
+    if value is None:
+        return tokens and lim.max is not None
+    return (lim.max is not None and value > lim.max) or (lim.min is not None and value < lim.min)
+
+
+def _into(value: Any, low: ParamC | None, high: ParamC | None, tokens: bool) -> tuple[Any, ParamC | None]:
+    """``value`` clamped once into ``[low.min, high.max]``, and the limit that moved it.
+
+    The max is applied last, so even limits that contradict each other (the load refuses them) never
+    let a value above a broader policy's max through. Token counts are integers upstream: rounded
+    towards the limit that moved the value.
+    """
+    new, moved_by = value, None
+    if low is not None and low.min is not None and value is not None and value < low.min:
+        new, moved_by = (math.ceil(low.min) if tokens else low.min), low
+    if high is not None and high.max is not None and (new > high.max if new is not None else tokens):
+        new, moved_by = (math.floor(high.max) if tokens else high.max), high
+    return new, (moved_by if new != value else None)
+
+
 def _clamp(req: _Req) -> None:
-    for pname, limits in req.eff.params.items():
-        names = _TOKEN_PARAMS if pname in _TOKEN_PARAMS else (pname,)
-        present = [n for n in names if n in req.body]
-        targets = present or [pname]
-        for target in targets:
+    # Limits are combined before clamping: applying them one after the other let a narrower policy's
+    # ``min`` undo a broader one's ``max``. The load refuses policies whose interval is empty.
+    for group, limits in req.eff.params.items():
+        tokens = group == TOKEN_PARAMS[0]
+        enforced = [lim for lim in limits if not lim.shadow]
+        low = max((lim for lim in enforced if lim.min is not None), key=lambda lim: lim.min or 0.0, default=None)
+        high = min((lim for lim in enforced if lim.max is not None), key=lambda lim: lim.max or 0.0, default=None)
+        present = [n for n in (TOKEN_PARAMS if tokens else (group,)) if n in req.body]
+        if not present and tokens:
+            # Absent token limits are set (under the name of the limit that sets them): otherwise the
+            # model's default bound applies.
+            setter = high or next((lim for lim in limits if lim.max is not None), None)
+            present = [setter.name] if setter is not None else []
+        for target in present:
             value = req.body.get(target)
+            if value is None and not tokens:
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 continue  # wrong types are the shell's validation error, not a clamp
-            new: Any = value
-            for lim in limits:
-                cand = new
-                if lim.max is not None and (cand is None or cand > lim.max):
-                    # Absent token limits are set: otherwise the model's default bound applies.
-                    if cand is None and pname not in _TOKEN_PARAMS:
-                        continue
-                    cand = lim.max
-                if lim.min is not None and cand is not None and cand < lim.min:
-                    cand = lim.min
-                if cand != new:
-                    if lim.shadow:
-                        req.trail.act(f"clamped:{target}", f"{lim.policy}:models.params.{pname}", None,
-                                      shadow=True)
-                        continue
-                    new = cand
-                    rule = f"{lim.policy}:models.params.{pname}"
-                    if rule not in req.trail.rule_ids:
-                        req.trail.rule_ids.append(rule)
-            if new != value:
-                if pname in _TOKEN_PARAMS:
-                    # Token counts are integers upstream: round towards the limit that moved the value.
-                    new = math.floor(new) if value is None or new < value else math.ceil(new)
-                elif isinstance(value, int) and float(new).is_integer():
+            new, moved_by = _into(value, low, high, tokens)
+            if moved_by is not None:
+                if not tokens and isinstance(value, int) and float(new).is_integer():
                     new = int(new)  # keep ``2`` an int, but never truncate ``0.3`` to ``0``
                 req.writable()[target] = new
-                req.trail.actions.append(f"clamped:{target}")
+                req.trail.act(f"clamped:{target}", _rule(moved_by), None)
+            # A shadow limit reports what combining it would change, given the enforced result.
+            shadow = [_rule(lim) for lim in limits if lim.shadow and _moves(lim, new, tokens)]
+            if shadow:
+                req.trail.would.append(f"would_clamped:{target}")
+                req.trail.rule_ids.extend(r for r in dict.fromkeys(shadow) if r not in req.trail.rule_ids)
 
 
 def evaluate_request(eff: Effective, body: dict[str, Any], principal: Principal, *, now: float) -> RequestDecision:
@@ -190,8 +231,7 @@ def evaluate_request(eff: Effective, body: dict[str, Any], principal: Principal,
     refused = _check_model(req, str(model))
     if refused is not None:
         return refused
-    forced, param = _forced_tool(body)
-    if param is not None:
+    for forced, param in _forced_tools(body):
         rule, shadow_block = req.tool_denied(forced)
         if rule is not None:
             return _refuse(req, "tool_not_allowed",

@@ -22,9 +22,10 @@ import orjson
 
 from rules.canonical import call_key
 from rules.celexpr import CelEvalError
-from rules.decision import CallVerdict, Effect, OutputVerdict, ResponseDecision, ToolCallIn, Trail
+from rules.decision import CallVerdict, Effect, ResponseDecision, ToolCallIn, Trail
 from rules.effective import Effective, SchemaC, ToolRuleC
 from rules.evaluate import Principal, printable_name, valid_tool_name
+from rules.evaluate_output import Escalate, output_verdict, pattern_verdict, shadow_schemas, violations
 from rules.schemas import CompiledSchema
 from rules.strictjson import StrictJSONError, loads_strict
 
@@ -48,29 +49,73 @@ def _data(ctx: ResponseContext, tool: str, args: Any) -> dict[str, Any]:
             "principal": ctx.principal.as_cel(), "output": {}}
 
 
-def _violations(schemas: Sequence[CompiledSchema], value: Any) -> tuple[str, ...]:
-    errs: list[str] = []
-    for s in schemas:
-        errs.extend(f"{v.path or '/'}: {v.message}" for v in s.violations(value))
-    return tuple(errs)
+def _strings(value: Any) -> list[str]:
+    """Every string (keys included) in a parsed argument value, for the deny patterns."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, dict):
+            out.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
 
 
-def _shadow_schemas(trail: Trail, schemas: Sequence[SchemaC], value: Any, label: str) -> None:
-    """Report (as ``would_schema_invalid:<label>``) what a shadow policy's schema would reject."""
-    for s in schemas:
-        if s.shadow and not s.schema.is_valid(value):
-            trail.act(f"schema_invalid:{label}", f"{s.policy}:schema", None, shadow=True)
-
-
-def _escalation(eff: Effective, call: ToolCallIn, args: Any, reason: str) -> tuple[str, str] | None:
-    target = eff.escalate_to
-    if target is None or not valid_tool_name(target) or eff.tool_blocked(target)[0] is not None:
+def _pattern_denial(eff: Effective, call: ToolCallIn, args: Any, trail: Trail) -> CallVerdict | None:
+    """Deny patterns apply to what a call would carry out of the model too: its raw arguments and every
+    decoded string in them (escapes cannot hide a match)."""
+    texts = [call.arguments, *_strings(args)] if args is not None else [call.arguments]
+    hit = pattern_verdict(eff, texts, trail, action=f"tool_denied:{call.name}")
+    if hit is None:
         return None
+    return CallVerdict(call, "deny", hit.rule_id, hit.reason, args=args)
+
+
+def _escalation(eff: Effective, call: ToolCallIn, payload: dict[str, Any], ctx: ResponseContext, trail: Trail,
+                depth: int) -> CallVerdict | None:
+    """The escalation call that replaces ``call``, decided like any other call through every layer
+    (gates, schemas, rules, approvals). None when no escalation tool is usable or that call is refused;
+    an escalation call is never escalated again."""
+    target = eff.escalate_to
+    if depth > 0 or target is None or not valid_tool_name(target) or eff.tool_blocked(target)[0] is not None:
+        return None
+    arguments = orjson.dumps(payload).decode()
+    then = _call_verdict(eff, ToolCallIn(call.index, call.id, target, arguments, call.legacy), ctx, trail, depth + 1)
+    if then.verdict not in ("allow", "hold"):
+        trail.errors.append(f"{call.name}: escalation call {target} refused ({then.rule_id}: {then.reason})")
+        return None
+    return then
+
+
+def _escalate(eff: Effective, call: ToolCallIn, args: Any, rule_id: str, reason: str, ctx: ResponseContext,
+              trail: Trail, depth: int, *, errors: tuple[str, ...] = (), digest: str | None = None) -> CallVerdict:
     payload = {"reason": reason, "original_tool": call.name, "original_arguments": args}
-    return target, orjson.dumps(payload).decode()
+    then = _escalation(eff, call, payload, ctx, trail, depth)
+    if then is None:
+        trail.act(f"tool_denied:{call.name}", rule_id, reason + " (no escalation tool allowed)")
+        return CallVerdict(call, "deny", rule_id, reason, args=args, args_hash=digest, errors=errors)
+    trail.act(f"escalated:{call.name}", rule_id, reason)
+    return CallVerdict(call, "escalate", rule_id, reason, args=args, args_hash=digest, errors=errors,
+                       new_name=then.call.name, new_arguments=then.call.arguments, then=then)
 
 
-def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail: Trail) -> CallVerdict:
+def _invalid(eff: Effective, call: ToolCallIn, args: Any, rule_id: str, reason: str, errors: tuple[str, ...],
+             on_invalid: str, max_repairs: int, ctx: ResponseContext, trail: Trail, depth: int,
+             digest: str | None = None) -> CallVerdict:
+    trail.errors.extend(f"{call.name}: {e}" for e in errors)
+    if on_invalid == "escalate":
+        return _escalate(eff, call, call.arguments, rule_id, "invalid arguments: " + "; ".join(errors), ctx,
+                         trail, depth, errors=errors, digest=digest)
+    return CallVerdict(call, "invalid", rule_id, reason, args=args, args_hash=digest, errors=errors,
+                       on_invalid=on_invalid, max_repairs=max_repairs)
+
+
+def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail: Trail,
+                  depth: int = 0) -> CallVerdict:
     name = call.name
     if not valid_tool_name(name):
         shown = printable_name(name)
@@ -90,24 +135,27 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
     try:
         args = loads_strict(call.arguments or "{}", max_depth=ctx.max_depth, max_string=ctx.max_string)
     except StrictJSONError as exc:
+        denied = _pattern_denial(eff, call, None, trail)
+        if denied is not None:
+            return denied
         err = f"arguments: {exc}"
-        trail.errors.append(f"{name}: {err}")
-        return CallVerdict(call, "invalid", f"{name}:arguments", err, errors=(err,),
-                           on_invalid=on_invalid if pinned else "deny", max_repairs=max_repairs)
+        return _invalid(eff, call, None, f"{name}:arguments", err, (err,), on_invalid if pinned else "deny",
+                        max_repairs, ctx, trail, depth)
+    denied = _pattern_denial(eff, call, args, trail)
+    if denied is not None:
+        return denied
     if not isinstance(args, dict):
-        err = "arguments must be a JSON object"
-        trail.errors.append(f"{name}: {err}")
-        return CallVerdict(call, "invalid", f"{name}:arguments", err, errors=(err,), on_invalid="deny")
-    _shadow_schemas(trail, all_pinned, args, name)
+        return _invalid(eff, call, args, f"{name}:arguments", "arguments must be a JSON object",
+                        ("arguments must be a JSON object",), "deny", 0, ctx, trail, depth)
+    shadow_schemas(trail, all_pinned, args, name)
     schemas = [s.schema for s in pinned]
     if not schemas and name in ctx.declared_schemas:
         schemas = [ctx.declared_schemas[name]]
-    errors = _violations(schemas, args)
+    errors = violations(schemas, args)
     digest = call_key(name, args, call.arguments or "{}")
     if errors:
-        trail.errors.extend(f"{name}: {e}" for e in errors)
-        return CallVerdict(call, "invalid", f"{name}:schema", "arguments do not match the schema", args=args,
-                           args_hash=digest, errors=errors, on_invalid=on_invalid, max_repairs=max_repairs)
+        return _invalid(eff, call, args, f"{name}:schema", "arguments do not match the schema", errors, on_invalid,
+                        max_repairs, ctx, trail, depth, digest)
     best = "allow"
     best_rule: ToolRuleC | None = None
     data = _data(ctx, name, args)
@@ -129,100 +177,27 @@ def _call_verdict(eff: Effective, call: ToolCallIn, ctx: ResponseContext, trail:
         elif rule.id not in trail.rule_ids:
             trail.rule_ids.append(rule.id)
     once = name in eff.once_tools
+    shadow_once = name in eff.shadow_once_tools
     if best_rule is None:
-        return CallVerdict(call, "allow", args=args, args_hash=digest, once=once)
+        return CallVerdict(call, "allow", args=args, args_hash=digest, once=once, shadow_once=shadow_once)
     reason = best_rule.reason or f"rule {best_rule.id} matched"
     if best == "deny":
         trail.act(f"tool_denied:{name}", best_rule.id, reason)
         return CallVerdict(call, "deny", best_rule.id, reason, args=args, args_hash=digest)
     if best == "require_approval":
         trail.act(f"held:{name}", best_rule.id, reason)
-        return CallVerdict(call, "hold", best_rule.id, reason, args=args, args_hash=digest, once=once)
-    rewritten = _escalation(eff, call, args, reason)
-    if rewritten is None:
-        trail.act(f"tool_denied:{name}", best_rule.id, reason + " (no escalation tool allowed)")
-        return CallVerdict(call, "deny", best_rule.id, reason, args=args, args_hash=digest)
-    trail.act(f"escalated:{name}", best_rule.id, reason)
-    return CallVerdict(call, "escalate", best_rule.id, reason, args=args, args_hash=digest,
-                       new_name=rewritten[0], new_arguments=rewritten[1])
+        return CallVerdict(call, "hold", best_rule.id, reason, args=args, args_hash=digest, once=once,
+                           shadow_once=shadow_once)
+    return _escalate(eff, call, args, best_rule.id, reason, ctx, trail, depth, digest=digest)
 
 
-def escalate_invalid(eff: Effective, call: ToolCallIn, errors: Sequence[str]) -> CallVerdict | None:
-    """Rewrite an invalid call into the escalation tool (``on_invalid: escalate``), if one is allowed."""
-    reason = "invalid arguments: " + "; ".join(errors)
-    rewritten = _escalation(eff, call, call.arguments, reason)
-    if rewritten is None:
-        return None
-    return CallVerdict(call, "escalate", f"{call.name}:schema", reason, new_name=rewritten[0],
-                       new_arguments=rewritten[1], errors=tuple(errors))
-
-
-def _pattern_verdict(eff: Effective, texts: Sequence[str], trail: Trail) -> OutputVerdict | None:
-    for pat in eff.deny_patterns:
-        if any(pat.regex.search(t) for t in texts):
-            if pat.shadow:
-                trail.act("output_denied", pat.id, None, shadow=True)
-                continue
-            reason = pat.reason or f"output matches pattern {pat.id}"
-            trail.act("output_denied", pat.id, reason)
-            return OutputVerdict("deny", rule_id=pat.id, reason=reason)
-    return None
-
-
-def _output_verdict(eff: Effective, content: str, ctx: ResponseContext, trail: Trail) -> OutputVerdict:
-    denied = _pattern_verdict(eff, (content,), trail)
-    if denied is not None:
-        return denied
-    pinned = [s for s in eff.output_schemas if not s.shadow]
-    shadow_pinned = [s for s in eff.output_schemas if s.shadow]
-    schemas = [s.schema for s in pinned]
-    if ctx.response_schema is not None:
-        schemas.append(ctx.response_schema)
-    on_invalid, max_repairs = (pinned[0].on_invalid, pinned[0].max_repairs) if pinned else ("repair", 1)
-    if not schemas and not eff.output_rules and not shadow_pinned:
-        return OutputVerdict("allow")
-    try:
-        value = loads_strict(content, max_depth=ctx.max_depth, max_string=ctx.max_string)
-    except StrictJSONError as exc:
-        if shadow_pinned:
-            trail.act("schema_invalid:output", f"{shadow_pinned[0].policy}:schema", None, shadow=True)
-        if not schemas:
-            return OutputVerdict("allow")  # free text: output rules only apply to structured outputs
-        err = f"content: {exc}"
-        trail.errors.append(err)
-        return OutputVerdict("invalid", rule_id="output:schema", reason="output is not valid JSON",
-                             errors=(err,), on_invalid=on_invalid, max_repairs=max_repairs)
-    _shadow_schemas(trail, shadow_pinned, value, "output")
-    errors = _violations(schemas, value)
-    if errors:
-        trail.errors.extend(errors)
-        return OutputVerdict("invalid", rule_id="output:schema", reason="output does not match the schema",
-                             errors=errors, on_invalid=on_invalid, max_repairs=max_repairs)
-    if not isinstance(value, dict):
-        return OutputVerdict("allow")
-    data = {"output": value, "args": {}, "tool": "", "model": ctx.model, "principal": ctx.principal.as_cel()}
-    current, rule_hit = value, None
-    for rule in eff.output_rules:
-        try:
-            hit = rule.condition.holds(data)
-        except CelEvalError as exc:
-            trail.errors.append(f"{rule.id}: {exc}")
-            hit = rule.on_error == "match" and rule.action == "deny"
-        if not hit:
-            continue
-        if rule.shadow:
-            trail.act(f"output_{rule.action}", rule.id, None, shadow=True)
-            continue
-        if rule.action == "deny":
-            trail.act("output_denied", rule.id, rule.reason or f"rule {rule.id} matched")
-            return OutputVerdict("deny", rule_id=rule.id, reason=rule.reason or f"rule {rule.id} matched")
-        current = {**current, **rule.set}
-        rule_hit = rule
-        trail.act(f"output_rewritten:{rule.id}", rule.id, rule.reason or None)
-    if rule_hit is None:
-        return OutputVerdict("allow")
-    return OutputVerdict("rewrite", content=orjson.dumps(current).decode(), rule_id=rule_hit.id,
-                         reason=rule_hit.reason)
+def _output_escalation(eff: Effective, ctx: ResponseContext, trail: Trail) -> Escalate:
+    def escalate(reason: str) -> CallVerdict | None:
+        call = ToolCallIn(0, "call_guardproxy_escalation", "", "")
+        payload = {"reason": reason, "original_tool": None, "original_arguments": None}
+        then = _escalation(eff, call, payload, ctx, trail, 0)
+        return then if then is not None and then.verdict == "allow" else None  # nothing to hold it in
+    return escalate
 
 
 def evaluate_response(
@@ -236,17 +211,22 @@ def evaluate_response(
 ) -> ResponseDecision:
     """Decide every tool call and the content of one assistant message.
 
-    ``other_text`` is any other text the message carries (``refusal``, reasoning): deny patterns apply
-    to it too, so output inspection cannot be sidestepped through another field.
+    ``other_text`` is every other text the message carries (``refusal``, reasoning, transcripts, text in
+    other content parts): deny patterns apply to it too, so output inspection cannot be sidestepped
+    through another field. Deny patterns also apply to each call's arguments (the call is removed).
     """
     del now  # response rules are time-independent today; the clock stays in the signature
     trail = Trail()
     verdicts = tuple(_call_verdict(eff, c, ctx, trail) for c in calls)
     output = None
-    if other_text:
-        output = _pattern_verdict(eff, other_text, trail)
+    texts = [t for t in (content, *other_text) if t]
+    if texts and eff.deny_patterns:
+        output = pattern_verdict(eff, texts, trail)
     if output is None and content and (eff.inspects_output or ctx.response_schema is not None):
-        output = _output_verdict(eff, content, ctx, trail)
+        output = output_verdict(eff, content, model=ctx.model, principal=ctx.principal.as_cel(),
+                                response_schema=ctx.response_schema, max_depth=ctx.max_depth,
+                                max_string=ctx.max_string, trail=trail,
+                                escalate=_output_escalation(eff, ctx, trail))
     denied = output is not None and output.verdict == "deny"
     changed = any(v.verdict != "allow" for v in verdicts) or (output is not None and output.verdict != "allow")
     removed_all = bool(verdicts) and all(v.verdict in ("deny", "invalid", "hold") for v in verdicts)

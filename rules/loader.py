@@ -1,7 +1,10 @@
 """Stage 1: policy text -> validated :class:`~rules.model.Policy` models.
 
 The loader never touches the file system: the shell hands it ``(source, text)``
-pairs. Every error is collected (not just the first) with file and line.
+pairs. Every error is collected (not just the first) with file and line, and a
+failure of one document never stops the others: whatever goes wrong becomes a
+located error for that document. Documents that parsed but will not be compiled
+are handed back (``rejected``) so a later stage can still look inside them.
 """
 
 from __future__ import annotations
@@ -25,23 +28,39 @@ class LoadedPolicy:
 
 @dataclass
 class LoadResult:
+    """Validated policies, every error, and the parsed documents that will not be compiled."""
+
     policies: list[LoadedPolicy] = field(default_factory=list)
     errors: list[SourceError] = field(default_factory=list)
+    # YAML mappings that failed validation (or whose policy name is taken): the shell runs the
+    # compile-stage precheck over them, so one run also reports their CEL, regex and schema errors.
+    rejected: list[Located] = field(default_factory=list)
+
+
+def _parse(text: str, source: str) -> tuple[LoadedPolicy | None, Located | None, list[SourceError]]:
+    early: list[SourceError] = []
+    try:
+        located = load_yaml(text, source)
+    except YamlLoadError as exc:
+        if exc.located is None or not isinstance(exc.located.data, dict):
+            return None, None, exc.errors
+        # A duplicate key or a bad tag: validate anyway, so its other errors show up in the same run.
+        early, located = exc.errors, exc.located
+    if not isinstance(located.data, dict):
+        return None, None, [SourceError(source, 1, "", "a policy file must be a YAML mapping")]
+    try:
+        policy = Policy.model_validate(located.data)
+    except ValidationError as exc:
+        return None, located, early + pydantic_errors(exc, located)
+    if early:
+        return None, located, early
+    return LoadedPolicy(policy, located), None, []
 
 
 def parse_policy(text: str, source: str) -> tuple[LoadedPolicy | None, list[SourceError]]:
     """Parse and validate one policy document."""
-    try:
-        located = load_yaml(text, source)
-    except YamlLoadError as exc:
-        return None, exc.errors
-    if not isinstance(located.data, dict):
-        return None, [SourceError(source, 1, "", "a policy file must be a YAML mapping")]
-    try:
-        policy = Policy.model_validate(located.data)
-    except ValidationError as exc:
-        return None, pydantic_errors(exc, located)
-    return LoadedPolicy(policy, located), []
+    loaded, _, errors = _parse(text, source)
+    return loaded, errors
 
 
 def load_policies(documents: Iterable[tuple[str, str]]) -> LoadResult:
@@ -49,8 +68,13 @@ def load_policies(documents: Iterable[tuple[str, str]]) -> LoadResult:
     result = LoadResult()
     seen: dict[str, str] = {}
     for source, text in documents:
-        loaded, errors = parse_policy(text, source)
+        try:
+            loaded, rejected, errors = _parse(text, source)
+        except Exception as exc:  # one broken document must not hide the others' errors
+            loaded, rejected, errors = None, None, [SourceError(source, None, "", f"cannot load: {_describe(exc)}")]
         result.errors.extend(errors)
+        if rejected is not None:
+            result.rejected.append(rejected)
         if loaded is None:
             continue
         name = loaded.policy.metadata.name
@@ -59,7 +83,13 @@ def load_policies(documents: Iterable[tuple[str, str]]) -> LoadResult:
                 SourceError(source, loaded.located.line_of(("metadata", "name")), "metadata.name",
                             f"policy name {name!r} is already used by {seen[name]}")
             )
+            result.rejected.append(loaded.located)
             continue
         seen[name] = source
         result.policies.append(loaded)
     return result
+
+
+def _describe(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -38,6 +38,7 @@ REASONS = frozenset(
     {"invalid_json", "duplicate_key", "non_finite_number", "too_deep", "string_too_long", "too_large"}
 )
 _SEGMENT_MAX = 64  # longest path segment kept; keys are instance data and may be huge
+_PATH_SEARCH_MAX = 1 << 20  # above this size a too-deep document is refused without locating the spot
 
 
 class StrictJSONError(ValueError):
@@ -88,8 +89,12 @@ def loads_strict(
         raise _classify_decode_error(raw, exc) from None
 
     # Cheap upper bounds first: a document has at most as many nesting levels as
-    # brackets, and no decoded string is longer than the raw text.
-    if raw.count(b"{") + raw.count(b"[") > max_depth or len(raw) > max_string:
+    # brackets, and no decoded string is longer than the raw text. The depth walk visits
+    # containers only, so long histories (few containers, long strings) stay cheap.
+    deep = raw.count(b"{") + raw.count(b"[") > max_depth and _too_deep(value, max_depth)
+    if deep and len(raw) > _PATH_SEARCH_MAX:
+        raise StrictJSONError("too_deep", f"nesting deeper than {max_depth} levels")
+    if deep or len(raw) > max_string:
         _check_shape(value, max_depth, max_string)
     if not _surely_no_duplicates(raw, value):
         _check_duplicates(raw)
@@ -153,6 +158,23 @@ def _surely_no_duplicates(raw: bytes, value: Any) -> bool:
     if b"\\" in raw and b"\\u003" in raw:
         return False
     return orjson.dumps(value).count(b":") == colons
+
+
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Whether ``value`` nests containers deeper than ``max_depth`` (iterative; strings are not visited)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > max_depth:
+            return True
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is dict or kind is list:
+                push((child, depth + 1))
+    return False
 
 
 def _short(text: str) -> str:

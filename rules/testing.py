@@ -178,7 +178,7 @@ def judge(compiled: CompiledPolicySet, case: RequestCase | ResponseCase) -> Case
     """Evaluate one case against the compiled set and compare with its expectation."""
     p = case.principal
     principal = Principal(p.key, p.team, p.org)
-    eff = compiled.for_principal(p.key, p.team)
+    eff = compiled.for_principal(p.key, p.team, p.org)
     if isinstance(case, RequestCase):
         full = _request_facts(evaluate_request(eff, case.request, principal, now=0.0), case.request)
     else:
@@ -238,7 +238,7 @@ def _declared(compiled_names: set[str], resp: ModelResponse) -> dict[str, Compil
 
 def _response_facts(compiled: CompiledPolicySet, case: ResponseCase, principal: Principal) -> dict[str, Any]:
     resp = case.response
-    eff = compiled.for_principal(principal.key_id, principal.team)
+    eff = compiled.for_principal(principal.key_id, principal.team, principal.org)
     try:
         declared = _declared(set(eff.tool_schemas), resp)
         rf = resp.response_format or {}

@@ -169,3 +169,170 @@ def test_valid_custom_setup_passes(tmp_path: Path) -> None:
     result = run_check(write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {"p.yaml": policy}))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 policies" in result.stdout
+
+
+# --- every error in one run, hostile files, missing paths, unknown principals (hardening rounds 1 and 2) -----
+
+THREE_ERRORS = """apiVersion: guardproxy/v1
+kind: Policy
+metadata:
+  name: three
+match: {all: true}
+tools:
+  escalat_to: escalate_to_human
+  allow:
+    lookup_order:
+      rules:
+        - id: bad-cel
+          when: "args.amount >> 5"
+          action: deny
+output:
+  deny_patterns:
+    - {id: bad-re, regex: "(unclosed"}
+"""
+
+# 8 nested alias levels, 10 aliases each: 10**8 nodes once expanded, a few hundred bytes as text.
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
+
+KEYS = """keys:
+  - {id: support-agent, key: sk-a, team: support}
+  - {id: ops-bot, key: sk-b, team: ops, org: acme}
+"""
+
+PRINCIPALS = """apiVersion: guardproxy/v1
+kind: Policy
+metadata: {name: principals}
+match:
+  keys: [support-agent, suport-agent]
+  teams: [support, acme/ops, acme/support, sales]
+models:
+  allow: [gpt-4o-mini, gpt-5]
+"""
+
+MEMORY_CAP = 1024**3  # 1 GiB of address space: expanding a bomb needs many times that
+
+
+def run_limited(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``guardproxy check`` with its address space capped, so a bound that fails cannot eat the machine."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config", str(config), *args],
+                          cwd=config.parent, env=env, capture_output=True, text=True, timeout=120, preexec_fn=cap)
+
+
+def test_three_independent_errors_in_one_file_are_all_reported(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {"three.yaml": THREE_ERRORS})
+    result = run_check(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    f = tmp_path / "policies" / "three.yaml"
+    errors = error_lines(result.stdout)
+    assert len(errors) == 3, result.stdout
+    assert errors[0] == f"error: {f}:7: [tools.escalat_to] unknown field"
+    assert errors[1].startswith(f"error: {f}:12: [tools.allow.lookup_order.rules[0].when] invalid CEL (column ")
+    assert errors[2].startswith(f"error: {f}:16: [output.deny_patterns[0].regex] invalid RE2 regex: ")
+    assert result.stdout.splitlines()[-1] == "3 error(s)"
+
+
+def test_a_config_typo_does_not_hide_the_policy_errors(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\nstore: memroy\n" + MODELS, {"three.yaml": THREE_ERRORS})
+    result = run_check(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = error_lines(result.stdout)
+    assert errors[0].startswith(f"error: {cfg}:2: [store] ") and "unknown store 'memroy'" in errors[0]
+    assert len(errors) == 4 and all("three.yaml" in e for e in errors[1:]), result.stdout
+    assert result.stdout.splitlines()[-1] == "4 error(s)"
+
+
+def test_alias_bomb_is_refused_before_expansion_in_little_memory(tmp_path: Path) -> None:
+    assert len(ALIAS_BOMB) < 600
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {"bomb.yaml": ALIAS_BOMB})
+    result = run_limited(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
+    f = tmp_path / "policies" / "bomb.yaml"
+    # d stands for 11,111 nodes: the 8th alias of it, on line 5, takes the file past the 100,000-node bound.
+    assert error_lines(result.stdout) == [
+        f"error: {f}:5: the document expands to more than 100000 nodes through aliases (at alias *d)"]
+
+
+def test_alias_bomb_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS + ALIAS_BOMB.replace("a: &a", "x-a: &a"), {})
+    result = run_limited(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (err,) = error_lines(result.stdout)
+    assert err.startswith(f"error: {cfg}:8: the document expands to more than 100000 nodes"), err
+
+
+def test_600_nesting_levels_are_a_located_error(tmp_path: Path) -> None:
+    deep = THREE_ERRORS.split("tools:")[0] + "x: " + "[" * 600 + "]" * 600 + "\n"
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {"deep.yaml": deep, "ok.yaml": PRINCIPALS})
+    result = run_check(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    f = tmp_path / "policies" / "deep.yaml"
+    assert error_lines(result.stdout) == [f"error: {f}:6: nesting deeper than 64 levels"]
+
+
+def test_a_missing_policy_path_is_an_error(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/, polciies/]\n" + MODELS, {"p.yaml": PRINCIPALS})
+    result = run_check(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert error_lines(result.stdout) == [f"error: {tmp_path / 'polciies'}: policy path does not exist"]
+    assert "ok:" not in result.stdout
+
+
+def test_an_empty_policy_folder_is_allowed_with_a_warning(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {})
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{tmp_path / 'policies'}: warning: no policies: every request is allowed" in result.stdout.splitlines()
+    assert "0 policies" in result.stdout
+
+
+def test_unknown_key_ids_teams_and_models_are_warnings(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS + KEYS, {"p.yaml": PRINCIPALS})
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    f = tmp_path / "policies" / "p.yaml"
+    warnings = [ln for ln in result.stdout.splitlines() if " warning: " in ln]
+    assert warnings == [
+        f"{f}:5: [match.keys[1]] warning: key id 'suport-agent' is not configured (no keys[].id); "
+        "this entry matches no caller",
+        f"{f}:6: [match.teams[2]] warning: team 'acme/support' is not configured (no key has team 'support' "
+        "in org 'acme'); this entry matches no caller",
+        f"{f}:6: [match.teams[3]] warning: team 'sales' is not configured (no key has team 'sales' "
+        "in org 'default'); this entry matches no caller",
+        f"{f}:8: [models.allow[1]] warning: model 'gpt-5' is not served by any route (models[].name)",
+    ]
+    assert error_lines(result.stdout) == []
+    assert result.stdout.splitlines()[-1].startswith("ok: config ") and "4 warning(s)" in result.stdout
+
+
+def test_strict_turns_warnings_into_errors(tmp_path: Path) -> None:
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS + KEYS, {"p.yaml": PRINCIPALS})
+    result = run_limited(cfg, "--strict")
+    assert result.returncode == 1, result.stdout + result.stderr
+    f = tmp_path / "policies" / "p.yaml"
+    errors = error_lines(result.stdout)
+    assert errors[0] == (f"error: {f}:5: [match.keys[1]] key id 'suport-agent' is not configured (no keys[].id); "
+                         "this entry matches no caller")
+    assert len(errors) == 4 and not any(" warning: " in ln for ln in result.stdout.splitlines())
+    assert result.stdout.splitlines()[-1] == "4 error(s)"
+
+
+def test_twenty_thousand_deny_globs_are_a_located_error(tmp_path: Path) -> None:
+    globs = "".join(f"    - t{i:06d}_some_long_tool_name_*\n" for i in range(20_000))
+    text = THREE_ERRORS.split("tools:")[0] + "tools:\n  deny:\n" + globs
+    cfg = write_setup(tmp_path, "policies: [policies/]\n" + MODELS, {"many.yaml": text, "ok.yaml": PRINCIPALS})
+    result = run_check(cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (err,) = error_lines(result.stdout)
+    assert err.startswith(f"error: {tmp_path / 'policies' / 'many.yaml'}:"), err
+    assert result.stdout.splitlines()[-1] == "1 error(s)"

@@ -359,11 +359,23 @@ def test_year_boundary_dec31_to_jan1() -> None:
     before = _windows(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC))
     after = _windows(datetime(2027, 1, 1, 0, 0, 0, tzinfo=UTC))
     assert before["key"] == ("key:k:day:2026-12-31", ts(2027, 1, 1))
-    assert before["team"] == ("team:t:month:2026-12", ts(2027, 1, 1))
+    assert before["team"] == ("team:o/t:month:2026-12", ts(2027, 1, 1))
     assert after["key"] == ("key:k:day:2027-01-01", ts(2027, 1, 2))
-    assert after["team"] == ("team:t:month:2027-01", ts(2027, 2, 1))
+    assert after["team"] == ("team:o/t:month:2027-01", ts(2027, 2, 1))
     assert before["org"][1] == ts(2027, 1, 1)
     assert after["org"][1] == ts(2027, 1, 1, 1)
+
+
+@pytest.mark.parametrize(("org", "team", "counter"), [
+    ("default", "support", "team:support:"), (None, "support", "team:support:"),
+    ("acme", "support", "team:acme/support:"), ("default", "acme/support", "team:acme%2Fsupport:"),
+    ("a:b", "c", "team:a%3Ab/c:"), ("a/b", "c", "team:a%2Fb/c:"), ("a", "b/c", "team:a/b%2Fc:"),
+])
+def test_teams_are_identified_with_their_org(org: str | None, team: str, counter: str) -> None:
+    eff = combine([CostSpec.model_validate({"budgets": [{"scope": "team", "window": "day", "usd": 1}]})])
+    (c,) = ceilings_for(eff, key_id="k", team=team, org=org, conversation=None,
+                        now=datetime(2026, 12, 1, tzinfo=UTC))
+    assert c.key.startswith(counter)
 
 
 def test_month_lengths_in_ttl() -> None:

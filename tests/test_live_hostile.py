@@ -145,15 +145,15 @@ def test_stream_with_n_above_one_is_refused(hostile: Proxy) -> None:
 def test_output_that_fails_after_the_upstream_answered_is_still_billed(hostile: Proxy, mock_upstream: Mock) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}}}
-    mock_upstream.script({"content": "not json", "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}},
-                         {"content": "still not json", "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}})
+    mock_upstream.script({"content": "not json", "usage": {"prompt_tokens": 200, "completion_tokens": 1000}},
+                         {"content": "still not json", "usage": {"prompt_tokens": 200, "completion_tokens": 1000}})
     r = hostile.post("/v1/chat/completions", key=PLAY_KEY, headers={"x-guardproxy-conversation-id": "billed-422"},
                      json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
                            "response_format": fmt})
     assert r.status_code == 422
     rows = hostile.get("/v1/spend?prefix=conversation:playground/billed-422", key=ADMIN_KEY).json()["data"]
-    # two calls of 1000 + 1000 tokens at $0.15 / $0.60 per Mtok = 2 x 750 µ$
-    assert [row["spend_usd"] for row in rows] == ["0.001500"]
+    # two calls of 200 + 1000 tokens at $0.15 / $0.60 per Mtok = 2 x 630 µ$
+    assert [row["spend_usd"] for row in rows] == ["0.001260"]
 
 
 def test_repair_of_a_stream_does_not_send_stream_options(hostile: Proxy, mock_upstream: Mock) -> None:

@@ -99,7 +99,8 @@ def sample(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, *
 
 @asynccontextmanager
 async def running_app(tmp: Path, *, exporter: str = "memory", extra_policies: dict[str, str] | None = None,
-                      telemetry: dict[str, Any] | None = None) -> AsyncIterator[App]:
+                      telemetry: dict[str, Any] | None = None,
+                      prices: dict[str, dict[str, float]] | None = None) -> AsyncIterator[App]:
     mock = MockUpstream()
     server, port = await start("127.0.0.1", 0, app=mock)
     (tmp / "policies").mkdir(parents=True)
@@ -108,6 +109,9 @@ async def running_app(tmp: Path, *, exporter: str = "memory", extra_policies: di
     cfg = default_config(f"http://127.0.0.1:{port}/v1", 0)
     cfg["server"]["watch_policies"] = False
     cfg["telemetry"] = {"audit_log": str(tmp / "audit.log"), **(telemetry or {})}
+    for route in cfg["models"]:
+        if route["name"] in (prices or {}):
+            route["price"] = (prices or {})[route["name"]]
     config = Config.model_validate({**cfg, "base_dir": str(tmp)})
     state = build_state(config)
     if exporter == "memory":
@@ -409,43 +413,47 @@ def test_otel_env_fills_what_the_config_leaves_unset(tmp_path: Path, monkeypatch
 
 
 def test_metrics_move_for_allowed_blocked_escalated_downgraded_and_over_budget(tmp_path: Path) -> None:
+    # Upstream usage is believed only up to the bounds the proxy sent (max_tokens), so the budget is filled
+    # with expensive output tokens: $1000 per million output tokens, $1 per million input tokens.
+    price = {"input_per_mtok": 1, "output_per_mtok": 1000}
+
     async def scenario(app: App) -> tuple[dict[Any, float], dict[Any, float], list[httpx.Response]]:
         before = await app.metrics()
         rs = []
-        # allowed tool call, a blocked one (denied tool), an escalated one
+        # allowed tool call, a blocked one (denied tool), an escalated one: 10 + 5 x 1000 = 5010 µ$ each
         app.script({"tool_calls": [tool_call("get_customer_account", {"customer_id": "c1"})],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
-        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=64))
+        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=40))
         app.script({"tool_calls": [tool_call("delete_account", {"customer_id": "c1"})],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
-        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=64))
+        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=40))
         app.script({"tool_calls": [tool_call("apply_credit", {"customer_id": "c1", "amount": 80})],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
-        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=64, temperature=0.9))
-        # One conversation: spend $0.42 of its $0.50 (84% -> the 0.8 ladder step downgrades gpt-4o) ...
+        rs.append(await app.chat(model="gpt-4o-mini", max_tokens=40, temperature=0.9))
+        # One conversation: nine turns of 10 + 49 x 1000 = 49010 µ$ spend 88% of its $0.50, so the 0.8
+        # ladder step downgrades the tenth; after it the conversation has no room for another turn.
         conv = {"x-guardproxy-conversation-id": "conv-budget"}
-        app.script({"content": TICKET, "usage": {"prompt_tokens": 10, "completion_tokens": 42_000}})
-        rs.append(await app.chat(model="gpt-4o", max_tokens=50, headers=conv))
-        app.script({"content": TICKET, "usage": {"prompt_tokens": 10, "completion_tokens": 200_000}})
-        rs.append(await app.chat(model="gpt-4o", max_tokens=50, headers=conv))
+        for _ in range(10):
+            app.script({"content": TICKET, "usage": {"prompt_tokens": 10, "completion_tokens": 49}})
+            rs.append(await app.chat(model="gpt-4o", max_tokens=49, headers=conv))
         # ... which is now over its ceiling: refused before any upstream call.
-        rs.append(await app.chat(model="gpt-4o", max_tokens=50, headers=conv))
+        rs.append(await app.chat(model="gpt-4o", max_tokens=49, headers=conv))
         return before, await app.metrics(), rs
 
-    before, after, rs = run(tmp_path, scenario)
-    assert [r.status_code for r in rs] == [200, 200, 200, 200, 200, 429], [r.text for r in rs]
-    assert rs[3].headers["x-guardproxy-model"] == "gpt-4o"
-    assert rs[4].headers["x-guardproxy-model"] == "gpt-4o-mini"
-    assert rs[4].headers["x-guardproxy-actions"] == "downgraded:gpt-4o->gpt-4o-mini"
-    assert rs[5].json()["error"]["code"] == "budget_exceeded"
+    before, after, rs = run(tmp_path, scenario, prices={"gpt-4o": price, "gpt-4o-mini": price})
+    assert [r.status_code for r in rs] == [200] * 13 + [429], [r.text for r in rs]
+    assert [r.headers["x-guardproxy-model"] for r in rs[3:13]] == ["gpt-4o"] * 9 + ["gpt-4o-mini"]
+    assert rs[12].headers["x-guardproxy-actions"] == "downgraded:gpt-4o->gpt-4o-mini"
+    assert rs[13].json()["error"]["code"] == "budget_exceeded"
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     route = "/v1/chat/completions"
-    assert delta("guardproxy_requests_total", route=route, model="gpt-4o-mini", status="200") == 3
-    assert delta("guardproxy_requests_total", route=route, model="gpt-4o", status="200") == 2
-    assert delta("guardproxy_requests_total", route=route, model="gpt-4o", status="429") == 1
+    assert delta("guardproxy_requests_total", route=route, model="gpt-4o-mini", status="200", code="none") == 3
+    assert delta("guardproxy_requests_total", route=route, model="gpt-4o", status="200", code="none") == 10
+    assert delta("guardproxy_requests_total", route=route, model="gpt-4o", status="429",
+                 code="budget_exceeded") == 1
     assert delta("guardproxy_tool_calls_total", tool="get_customer_account", outcome="allowed") == 1
     # delete_account is named by no policy (only the delete_* glob), so like any tool name a model makes
     # up it is counted under "other": label values stay bounded by the policies.
@@ -460,14 +468,13 @@ def test_metrics_move_for_allowed_blocked_escalated_downgraded_and_over_budget(t
     assert delta("guardproxy_decisions_total", action="downgraded", rule="none", **enforce) == 1
     assert delta("guardproxy_downgrades_total", from_model="gpt-4o", to_model="gpt-4o-mini") == 1
     assert delta("guardproxy_budget_refusals_total", scope="conversation") == 1
-    # Spend is exact. gpt-4o-mini: 3 x (10 x $0.15/M + 5 x $0.60/M = 4.5 -> 5 µ$) plus the downgraded
-    # turn (10 x 0.15 + 200000 x 0.60 = 120001.5 -> 120002 µ$); gpt-4o: 10 x 2.50 + 42000 x 10.00 = 420025 µ$.
+    # Spend is exact. gpt-4o-mini: 3 x 5010 µ$ plus the downgraded turn (49010 µ$); gpt-4o: 9 x 49010 µ$.
     cost = {"team": "support", "key": "support-agent"}
-    assert sample(after, "guardproxy_cost_usd_total", model="gpt-4o-mini", **cost) == 120_017 / 1_000_000
-    assert sample(after, "guardproxy_cost_usd_total", model="gpt-4o", **cost) == 420_025 / 1_000_000
+    assert sample(after, "guardproxy_cost_usd_total", model="gpt-4o-mini", **cost) == 64_040 / 1_000_000
+    assert sample(after, "guardproxy_cost_usd_total", model="gpt-4o", **cost) == 441_090 / 1_000_000
     assert delta("guardproxy_tokens_total", model="gpt-4o-mini", direction="input", **cost) == 40
-    assert delta("guardproxy_tokens_total", model="gpt-4o-mini", direction="output", **cost) == 200_015
-    assert delta("guardproxy_tokens_total", model="gpt-4o", direction="output", **cost) == 42_000
+    assert delta("guardproxy_tokens_total", model="gpt-4o-mini", direction="output", **cost) == 64
+    assert delta("guardproxy_tokens_total", model="gpt-4o", direction="output", **cost) == 441
     assert {dict(k[1])["tool"] for k in after if k[0] == "guardproxy_tool_calls_total"} == {
         "get_customer_account", "other", "apply_credit"}
 
@@ -477,10 +484,12 @@ def test_approvals_pending_feedback_and_override_ratio(tmp_path: Path) -> None:
 
     async def scenario(app: App) -> list[dict[Any, float]]:
         seen = [await app.metrics()]
+        decisions = []
         for n in range(2):
             app.script({"tool_calls": [tool_call("issue_refund", {"order": n})]})
             resp = await app.chat(PLAY_KEY, model="gpt-4o-mini")
             assert resp.status_code == 200 and resp.headers["x-guardproxy-approval-id"].startswith("apr_")
+            decisions.append(resp.headers["x-guardproxy-decision-id"])
         seen.append(await app.metrics())
         pending = (await app.client.get("/admin/approvals?status=pending", headers=admin)).json()["data"]
         assert len(pending) == 2
@@ -489,12 +498,12 @@ def test_approvals_pending_feedback_and_override_ratio(tmp_path: Path) -> None:
         assert ok.status_code == no.status_code == 200
         seen.append(await app.metrics())
         play = {"authorization": f"Bearer {PLAY_KEY}"}
-        for outcome in ("overridden", "overridden", "confirmed"):
-            r = await app.client.post("/v1/feedback", headers=play,
-                                      json={"decision_id": "dec_x", "outcome": outcome})
+        # Three posts on two decisions: the second verdict on decisions[1] replaces its first.
+        for did, outcome in ((decisions[0], "overridden"), (decisions[1], "overridden"), (decisions[1], "confirmed")):
+            r = await app.client.post("/v1/feedback", headers=play, json={"decision_id": did, "outcome": outcome})
             assert r.status_code == 200
         bad = await app.client.post("/v1/feedback", headers=play,
-                                    json={"decision_id": "dec_x", "outcome": "meh"})
+                                    json={"decision_id": decisions[0], "outcome": "meh"})
         assert bad.status_code == 400
         seen.append(await app.metrics())
         return seen
@@ -511,7 +520,9 @@ def test_approvals_pending_feedback_and_override_ratio(tmp_path: Path) -> None:
     assert decided[(ratio, ())] == 0.5  # 1 rejected of 2 decided
     assert sample(fed, "guardproxy_feedback_total", outcome="overridden") == 2
     assert sample(fed, "guardproxy_feedback_total", outcome="confirmed") == 1
-    assert fed[(ratio, ())] == pytest.approx(3 / 5)  # (1 rejected + 2 overridden) / (2 decided + 3 feedback)
+    assert sample(fed, "guardproxy_feedback_retracted_total", outcome="overridden") == 1
+    # (1 rejected + 1 overridden decision) / (2 decided approvals + 2 decisions with a verdict)
+    assert fed[(ratio, ())] == pytest.approx(2 / 4)
 
 
 # --- OTLP/HTTP export from the live server ------------------------------------------------------------

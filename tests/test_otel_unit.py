@@ -379,9 +379,9 @@ def test_counters_move_and_unknown_labels_clamp_to_other() -> None:
     m.reload("error")
 
     s = samples(m)
-    assert value(s, "guardproxy_requests_total", route=route, model="gpt-4o", status="200") == 2
-    assert value(s, "guardproxy_requests_total", route=route, model="other", status="403") == 1
-    assert value(s, "guardproxy_requests_total", route="other", model="none", status="502") == 1
+    assert value(s, "guardproxy_requests_total", route=route, model="gpt-4o", status="200", code="none") == 2
+    assert value(s, "guardproxy_requests_total", route=route, model="other", status="403", code="none") == 1
+    assert value(s, "guardproxy_requests_total", route="other", model="none", status="502", code="none") == 1
     assert value(s, "guardproxy_request_duration_seconds_count", route=route, model="gpt-4o") == 2
     assert value(s, "guardproxy_request_duration_seconds_sum", route=route, model="gpt-4o") == pytest.approx(
         3.2
@@ -551,3 +551,16 @@ def test_redact_drops_credentials() -> None:
         "traceparent": TRACEPARENT,
     }
     assert "Authorization" in headers  # input untouched
+
+
+def test_a_replaced_feedback_verdict_counts_once() -> None:
+    m = Metrics()
+    m.feedback("overridden")
+    m.feedback("confirmed", previous="overridden")  # the same decision, verdict replaced
+    m.feedback("confirmed", previous="confirmed")  # repeated: nothing changes
+    assert m.override_ratio() == 0.0
+    s = samples(m)
+    assert value(s, "guardproxy_feedback_total", outcome="overridden") == 1
+    assert value(s, "guardproxy_feedback_total", outcome="confirmed") == 1
+    assert value(s, "guardproxy_feedback_retracted_total", outcome="overridden") == 1
+    assert value(s, "guardproxy_feedback_retracted_total", outcome="confirmed") == 0

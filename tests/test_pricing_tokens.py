@@ -241,7 +241,12 @@ def test_parts_images_tool_calls_and_tool_messages() -> None:
             "bare string",
         ],
     }
-    assert c.count_messages("gpt-4o", [parts]) == 3 + 3 + t("user") + 2 + 85 + 0 + t("bare string")
+    # an image without detail: low counts 85, anything else its high-detail bound
+    assert c.count_messages("gpt-4o", [parts]) == 3 + 3 + t("user") + 2 + 1445 + 0 + t("bare string")
+    low = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}}]}
+    assert c.count_messages("gpt-4o", [low]) == 3 + 3 + t("user") + 85
+    audio = {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "QUJD" * 5000}}]}
+    assert c.count_messages("gpt-4o", [audio]) > 5000  # a large payload never passes as a few tokens
     call = {
         "role": "assistant",
         "content": None,
@@ -344,3 +349,31 @@ def test_warm_loads_both_encoders() -> None:
     c = TokenCounter()
     c.warm()
     assert c.encoder(O200K).name == O200K and c.encoder(CL100K).name == CL100K
+
+
+def test_every_field_the_model_reads_is_counted() -> None:
+    c = TokenCounter()
+    base = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    description = "lorem ipsum dolor " * 2000
+    plain = c.count_request("gpt-4o", base)
+    fn = {"name": "f", "description": description, "parameters": {"type": "object"}}
+    for extra in ({"tools": [{"type": "function", "function": fn}]}, {"functions": [fn]},
+                  {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "description": description,
+                                                                               "schema": {"type": "object"}}}}):
+        assert c.count_request("gpt-4o", {**base, **extra}) > plain + 5000, extra.keys()
+    # bookkeeping the model never reads is not counted
+    assert c.count_request("gpt-4o", {**base, "metadata": {"note": description}, "user": description}) == plain
+
+
+def test_large_requests_are_counted_off_the_loop_with_the_same_result() -> None:
+    import asyncio
+
+    c = TokenCounter()
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "words and more words " * 20_000}]}
+    expected = TokenCounter().count_request("gpt-4o", body)
+    assert asyncio.run(c.count_request_async("gpt-4o", body)) == expected
+    assert c.offloaded == 1
+    small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert asyncio.run(c.count_request_async("gpt-4o", small)) == c.count_request("gpt-4o", small)
+    assert c.offloaded == 1
+    c.close()

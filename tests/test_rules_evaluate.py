@@ -9,7 +9,7 @@ import pytest
 from policy_builders import compiled, policy
 
 from rules.decision import RequestDecision, Trail
-from rules.effective import Effective
+from rules.effective import Effective, build_effective
 from rules.evaluate import Principal, evaluate_request, printable_name, valid_tool_name
 
 P = Principal("k1", "t1")
@@ -185,6 +185,67 @@ def test_forced_allowed_tool_passes() -> None:
     assert run(eff_of(ALLOW), body2).body is body2
 
 
+def test_function_call_is_checked_beside_an_allowed_dict_tool_choice() -> None:
+    body = {"model": "a", "tools": [tool("lookup")], "functions": [{"name": "lookup"}],
+            "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+            "function_call": {"name": "delete_all"}}
+    d = run(eff_of(ALLOW), body)
+    assert d.refusal is not None
+    assert (d.refusal.code, d.refusal.rule_id, d.refusal.param) == ("tool_not_allowed", "key:tools", "function_call")
+
+
+def _allowed_tools(*names: str, kind: str = "function") -> dict[str, Any]:
+    return {"type": "allowed_tools",
+            "allowed_tools": {"mode": "required", "tools": [{"type": kind, kind: {"name": n}} for n in names]}}
+
+
+@pytest.mark.parametrize("choice", [
+    _allowed_tools("lookup", "delete_all"),
+    _allowed_tools("delete_all", kind="custom"),
+    {"type": "custom", "custom": {"name": "delete_all"}},
+])
+def test_every_shape_of_tool_choice_is_checked(choice: dict[str, Any]) -> None:
+    d = run(eff_of(ALLOW), {"model": "a", "tools": [tool("lookup")], "tool_choice": choice})
+    assert d.refusal is not None
+    assert (d.refusal.code, d.refusal.rule_id, d.refusal.param) == ("tool_not_allowed", "key:tools", "tool_choice")
+    assert d.refusal.message == "tool_choice forces tool 'delete_all', which policy does not allow"
+
+
+def test_allowed_shapes_of_tool_choice_pass_and_malformed_ones_are_refused() -> None:
+    for choice in (_allowed_tools("lookup", "refund"), _allowed_tools("lookup", kind="custom"),
+                   {"type": "custom", "custom": {"name": "refund"}}):
+        body = {"model": "a", "tools": [tool("lookup"), tool("refund")], "tool_choice": choice}
+        assert run(eff_of(ALLOW), body).body is body, choice
+    for malformed in ({"type": "allowed_tools"}, {"type": "allowed_tools", "allowed_tools": {"tools": "lookup"}},
+                      _allowed_tools() | {"allowed_tools": {"tools": [{"type": "function"}]}},
+                      {"type": "custom", "custom": "lookup"}):
+        d = run(eff_of(ALLOW), {"model": "a", "tools": [tool("lookup")], "tool_choice": malformed})
+        assert d.refusal is not None and d.refusal.rule_id == "tools.invalid_name", malformed
+
+
+def test_shadow_gate_reports_every_forced_tool() -> None:
+    eff = eff_of(policy("sh", "tools:\n  deny: ['risky_*']\n", mode="shadow"))
+    body = {"model": "a", "tools": [tool("risky_a")], "tool_choice": _allowed_tools("risky_a", "risky_b"),
+            "function_call": {"name": "risky_c"}}
+    d = run(eff, body)
+    assert d.refusal is None and d.body is body
+    assert d.would == ("would_deny_forced_tool:risky_a", "would_deny_forced_tool:risky_b",
+                       "would_deny_forced_tool:risky_c", "would_tool_stripped:risky_a")
+
+
+def test_deny_globs_strip_offered_tools_in_any_case_allow_is_exact() -> None:
+    org = policy("org", "tools:\n  deny: ['delete_*', drop_db]\n")
+    d = run(eff_of(org), {"model": "a", "tools": [tool("Delete_account"), tool("DELETE_ACCOUNT"), tool("DROP_DB"),
+                                                  tool("lookup")]})
+    assert names(d.body) == ["lookup"]
+    assert d.actions == ("tool_stripped:Delete_account", "tool_stripped:DELETE_ACCOUNT", "tool_stripped:DROP_DB")
+    d = run(eff_of(org), {"model": "a", "tools": [tool("lookup")],
+                          "tool_choice": {"type": "function", "function": {"name": "Delete_Account"}}})
+    assert d.refusal is not None and d.refusal.rule_id == "org:tools"
+    d = run(eff_of(ALLOW), {"model": "a", "tools": [tool("Lookup"), tool("lookup")]})
+    assert names(d.body) == ["lookup"] and d.actions == ("tool_stripped:Lookup",)
+
+
 def test_org_deny_glob_beats_key_allow() -> None:
     org = policy("org", "tools:\n  deny: ['delete_*']\n")
     key = policy("key", "tools:\n  default: deny\n  allow:\n    delete_user: {}\n", match="{keys: [k1]}")
@@ -249,11 +310,13 @@ def test_min_of_param_max_across_policies() -> None:
     eff = eff_of(LIMITS, KEY_LIMITS)
     d = run(eff, {"model": "a", "temperature": 0.5})
     assert d.body is not None and d.body["temperature"] == 0.2
-    assert d.rule_ids == ("key:models.params.temperature", "org:models.params.max_tokens",
-                          "key:models.params.max_completion_tokens")
-    # max_tokens was set from org's limit, then key's max_completion_tokens clamps the same field (floored).
-    assert d.body["max_tokens"] == 1000 and isinstance(d.body["max_tokens"], int)
-    assert "max_completion_tokens" not in d.body
+    assert d.rule_ids == ("key:models.params.temperature", "key:models.params.max_completion_tokens")
+    # Both token names are one limit: the lowest max (key's, floored) is added under the name key uses.
+    assert d.body["max_completion_tokens"] == 1000 and isinstance(d.body["max_completion_tokens"], int)
+    assert "max_tokens" not in d.body
+    d = run(eff, {"model": "a", "max_tokens": 5000})
+    assert d.body is not None and d.body["max_tokens"] == 1000 and "max_completion_tokens" not in d.body
+    assert d.rule_ids == ("key:models.params.max_completion_tokens",)
 
 
 def test_max_completion_tokens_alias_is_clamped() -> None:
@@ -313,6 +376,35 @@ def test_enforced_clamp_then_shadow_sees_the_clamped_value() -> None:
     assert d.would == ("would_clamped:temperature",)
     d = run(eff_of(LIMITS, sh), {"model": "a", "temperature": 0.4, "max_tokens": 1})
     assert d.would == ()
+
+
+def test_shadow_limit_is_judged_against_the_combined_enforced_value() -> None:
+    sh = policy("sh", "models:\n  params:\n    temperature: {max: 0.5}\n", mode="shadow")
+    key = policy("key", "models:\n  params:\n    temperature: {max: 0.3}\n", match="{keys: [k1]}")
+    d = run(eff_of(sh, key), {"model": "a", "temperature": 0.9})
+    assert d.body is not None and d.body["temperature"] == 0.3
+    assert d.would == () and d.rule_ids == ("key:models.params.temperature",)
+    # Two shadow limits that would both move it: one finding, both rule ids.
+    sh2 = policy("sh2", "models:\n  params:\n    temperature: {max: 0.2}\n", mode="shadow", match="{keys: [k1]}")
+    d = run(eff_of(sh, key, sh2), {"model": "a", "temperature": 0.9})
+    assert d.would == ("would_clamped:temperature",)
+    assert d.rule_ids == ("key:models.params.temperature", "sh2:models.params.temperature")
+
+
+def test_contradicting_limits_clamp_once_and_the_broader_max_wins() -> None:
+    """The load refuses such a set; combined anyway, the value is clamped once and stays under the org max."""
+    org = compiled(policy("org", "models:\n  params:\n    temperature: {max: 1.0}\n    max_tokens: {max: 256}\n"))
+    team = compiled(policy("team", "models:\n  params:\n    temperature: {min: 1.9}\n    max_tokens: {min: 4000}\n",
+                           match="{teams: [t1]}"))
+    eff = build_effective(org.policies + team.policies, "r")
+    d = evaluate_request(eff, {"model": "a", "temperature": 1.9, "max_tokens": 4000}, P, now=0.0)
+    assert d.body is not None and (d.body["temperature"], d.body["max_tokens"]) == (1.0, 256)
+    assert d.rule_ids == ("org:models.params.temperature", "org:models.params.max_tokens")
+    d = evaluate_request(eff, {"model": "a", "temperature": 0.5, "max_tokens": 100}, P, now=0.0)
+    assert d.body is not None and (d.body["temperature"], d.body["max_tokens"]) == (1.0, 256)
+    body = {"model": "a", "temperature": 1.0, "max_tokens": 256}  # raised, then lowered back: unchanged
+    d = evaluate_request(eff, body, P, now=0.0)
+    assert d.body is body and d.actions == () and d.rule_ids == ()
 
 
 def test_same_rule_recorded_once_for_both_token_fields() -> None:

@@ -14,7 +14,7 @@ from rules.compiler import compile_policies
 from rules.decision import ResponseDecision, ToolCallIn
 from rules.effective import Effective
 from rules.evaluate import Principal
-from rules.evaluate_response import ResponseContext, escalate_invalid, evaluate_response
+from rules.evaluate_response import ResponseContext, evaluate_response
 from rules.loader import load_policies
 from rules.schemas import compile_schema
 
@@ -329,19 +329,63 @@ def test_rules_see_tool_model_and_principal() -> None:
     assert run(eff_of(pol), [call("t")]).calls[0].verdict == "deny"
 
 
-def test_escalate_invalid() -> None:
-    d_support = eff_of(ORG, SUPPORT)
-    c = call("apply_credit", raw='{"amount": "x"}')
-    v = escalate_invalid(d_support, c, ["/amount: not a number", "/: customer_id missing"])
-    assert v is not None
+ESCALATE_INVALID = """tools:
+  default: deny
+  escalate_to: escalate_to_human
+  allow:
+    escalate_to_human: {}
+    apply_credit:
+      on_invalid: escalate
+      schema:
+        type: object
+        required: [customer_id, amount]
+        properties:
+          customer_id: {type: string}
+          amount: {type: number}
+"""
+
+
+def test_on_invalid_escalate_rewrites_the_call_through_every_layer() -> None:
+    d = run(eff_of(ORG, policy("support", ESCALATE_INVALID)), [call("apply_credit", raw='{"amount": "x"}')])
+    v = d.calls[0]
     assert (v.verdict, v.rule_id, v.new_name) == ("escalate", "apply_credit:schema", "escalate_to_human")
-    assert v.reason == "invalid arguments: /amount: not a number; /: customer_id missing"
-    assert v.new_arguments is not None
-    assert orjson.loads(v.new_arguments)["original_arguments"] == '{"amount": "x"}'
-    assert v.errors == ("/amount: not a number", "/: customer_id missing")
-    blocked = eff_of(policy("org", "tools:\n  deny: ['escalate_*']\n", match="{all: true}"), SUPPORT)
-    assert escalate_invalid(blocked, c, ["e"]) is None
-    assert escalate_invalid(eff_of(policy("plain")), c, ["e"]) is None
+    assert v.reason.startswith("invalid arguments: ")
+    assert v.new_arguments is not None and orjson.loads(v.new_arguments)["original_arguments"] == '{"amount": "x"}'
+    assert v.then is not None and (v.then.verdict, v.then.call.name) == ("allow", "escalate_to_human")
+    assert "escalated:apply_credit" in d.actions
+    blocked = eff_of(policy("org", "tools:\n  deny: ['escalate_*']\n", match="{all: true}"),
+                     policy("support", ESCALATE_INVALID))
+    assert run(blocked, [call("apply_credit", raw='{"amount": "x"}')]).calls[0].verdict == "deny"
+
+
+def test_an_escalation_call_goes_through_every_layer() -> None:
+    """A team's escalate_to naming a tool the org holds for approval: the escalation call is held."""
+    org = policy("org", """tools:
+  allow:
+    close_account:
+      rules:
+        - {id: org-hold-close, when: "true", action: require_approval, reason: closing needs a human}
+""", match="{all: true}")
+    team = policy("team", """tools:
+  escalate_to: close_account
+  allow:
+    close_account: {}
+    refund:
+      rules:
+        - {id: always-escalate, when: "true", action: escalate}
+""")
+    v = run(eff_of(org, team), [call("refund", {"amount": 5})]).calls[0]
+    assert v.verdict == "escalate" and v.then is not None
+    assert (v.then.verdict, v.then.rule_id, v.then.call.name) == ("hold", "org-hold-close", "close_account")
+    # a broader policy that denies the escalation call outright: the original call is denied instead
+    deny = policy("org", """tools:
+  allow:
+    close_account:
+      rules:
+        - {id: org-no-close, when: "true", action: deny}
+""", match="{all: true}")
+    d = run(eff_of(deny, team), [call("refund", {"amount": 5})])
+    assert d.calls[0].verdict == "deny" and any("escalation call close_account refused" in e for e in d.errors)
 
 
 # --- output ------------------------------------------------------------------------------
@@ -581,3 +625,66 @@ output:
     assert d.effect == "deny"
     clean = evaluate_response(eff, [], "fine", ctx, now=0.0, other_text=["nothing here"])
     assert clean.output is not None and clean.output.verdict == "allow"
+
+
+# --- layering of output rewrites and deny patterns on every text ----------------------------------
+
+ORG_OUT = policy("org", """output:
+  schema:
+    type: object
+    properties:
+      action: {enum: [resolve, escalate]}
+      requires_human_review: {type: boolean}
+  deny_patterns:
+    - {id: no-cards, regex: '\\b(?:\\d[ -]?){13,16}\\b', reason: no card numbers}
+  rules:
+    - id: org-review
+      when: "has(output.confidence) && output.confidence < 0.75"
+      action: rewrite
+      set: {requires_human_review: true}
+""", match="{all: true}")
+TEAM_OUT = policy("team", """output:
+  rules:
+    - {id: team-no-review, when: "true", action: rewrite, set: {requires_human_review: false}}
+""", match="{teams: [t1]}")
+
+
+def test_a_team_rewrite_cannot_override_a_field_the_org_rewrite_set() -> None:
+    eff = eff_of(ORG_OUT, TEAM_OUT)
+    low = run(eff, content='{"action": "resolve", "confidence": 0.5}').output
+    assert low is not None and low.verdict == "rewrite" and low.content is not None
+    assert orjson.loads(low.content)["requires_human_review"] is True  # the org's value stands
+    high = run(eff, content='{"action": "resolve", "confidence": 0.9}').output
+    assert high is not None and high.content is not None
+    assert orjson.loads(high.content)["requires_human_review"] is False  # the org set nothing: the team may
+
+
+@pytest.mark.parametrize(("team_set", "verdict", "rule"), [
+    ("{action: refund_everything}", "invalid", "team-bad"),   # breaks the org's enum
+    ("{note: '4111 1111 1111 1111'}", "deny", "no-cards"),   # a card number the org forbids
+])
+def test_the_rewritten_output_is_checked_again(team_set: str, verdict: str, rule: str) -> None:
+    team = policy("team", f"""output:
+  rules:
+    - {{id: team-bad, when: "true", action: rewrite, set: {team_set}}}
+""", match="{teams: [t1]}")
+    out = run(eff_of(ORG_OUT, team), content='{"action": "resolve"}').output
+    assert out is not None and (out.verdict, out.rule_id) == (verdict, rule)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"note": "card 4111 1111 1111 1111"}',
+    '{"note": "card \\u0034111111111111111"}',  # an escape does not hide it
+])
+def test_deny_patterns_apply_to_tool_call_arguments(raw: str) -> None:
+    d = run(eff_of(ORG_OUT), [call("send_email", raw=raw), call("lookup", {"q": "ok"}, index=1)])
+    assert [(v.call.name, v.verdict, v.rule_id) for v in d.calls] == [
+        ("send_email", "deny", "no-cards"), ("lookup", "allow", None)]
+    assert "tool_denied:send_email" in d.actions
+
+
+def test_deny_patterns_apply_to_every_other_text() -> None:
+    d = run(eff_of(ORG_OUT), content=None)
+    assert d.output is None
+    d = evaluate_response(eff_of(ORG_OUT), [], None, ctx(), now=0.0, other_text=["transcript 4111111111111111"])
+    assert d.output is not None and (d.output.verdict, d.output.rule_id) == ("deny", "no-cards")

@@ -100,7 +100,9 @@ def test_errors_from_every_file_are_collected() -> None:
 def test_parse_policy_returns_errors_not_exceptions() -> None:
     loaded, errors = parse_policy("a: 1\na: 2\n", "d.yaml")
     assert loaded is None
-    assert errors == [SourceError("d.yaml", 2, "a", "duplicate key")]
+    # The duplicate key first, then what validating the document anyway finds.
+    assert errors[0] == SourceError("d.yaml", 2, "a", "duplicate key")
+    assert SourceError("d.yaml", 2, "a", "unknown field") in errors[1:]
 
 
 @pytest.mark.parametrize(
@@ -160,3 +162,29 @@ def test_shipped_policies_load() -> None:
     result = load_policies(docs)
     assert result.errors == []
     assert {lp.policy.metadata.name for lp in result.policies} >= {"org-base", "support-agent"}
+
+
+def test_documents_that_will_not_be_compiled_are_kept_for_the_precheck() -> None:
+    """A later stage (rules.precheck, called by the shell) compiles what it can find in these."""
+    result = load_policies([("bad.yaml", doc("bogus: 1\n")), ("syntax.yaml", "x: [\n"), ("ok.yaml", doc(name="ok")),
+                            ("dup.yaml", doc(name="ok")), ("list.yaml", "- a\n")])
+    assert [lp.located.source for lp in result.policies] == ["ok.yaml"]
+    assert [located.source for located in result.rejected] == ["bad.yaml", "dup.yaml"]
+    assert result.rejected[0].data["bogus"] == 1 and result.rejected[0].line_of(("bogus",)) == 6
+
+
+def test_a_duplicate_key_does_not_hide_the_validation_errors() -> None:
+    text = doc("mode: shadow\nmode: enforce\ntoolz: {}\n")
+    assert errs(text) == [(7, "mode", "duplicate key"), (8, "toolz", "unknown field")]
+    assert [located.source for located in load_policies([("pol.yaml", text)]).rejected] == ["pol.yaml"]
+
+
+def test_hostile_documents_are_located_errors_and_the_others_still_load() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcde", "bcdef", strict=True))
+    deep = "top: " + "[" * 600 + "]" * 600 + "\n"
+    result = load_policies([("deep.yaml", deep), ("bomb.yaml", bomb), ("ok.yaml", doc(name="ok"))])
+    assert [lp.policy.metadata.name for lp in result.policies] == ["ok"]
+    assert [(e.source, e.line) for e in result.errors] == [("deep.yaml", 1), ("bomb.yaml", 5)]
+    assert result.errors[0].message == "nesting deeper than 64 levels"
+    assert "more than 100000 nodes" in result.errors[1].message

@@ -185,3 +185,90 @@ def test_pydantic_errors_union_segments_are_skipped() -> None:
     errs = pydantic_errors(info.value, loc)
     # loc is ("v", "int") and ("v", "list[int]"): the tags are not keys of the data.
     assert {(e.line, e.path) for e in errs} == {(2, "v")}
+
+
+# --- bounds: checked on the event stream, before any node is built (hostile files, round 2 item 8) ----------
+
+
+def alias_bomb(levels: int, fan: int = 10) -> str:
+    """``levels`` anchored lists, each holding ``fan`` aliases of the one above: fan**levels leaves."""
+    lines = ["l0: &l0 [" + ", ".join(["x"] * fan) + "]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fan) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def nested(depth: int) -> str:
+    return "top: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+
+
+def test_alias_bomb_is_refused_before_expansion() -> None:
+    # 10**6 leaves: cheap to refuse, ~1 GB of lists if expanded (the 560-byte, 10**8 bomb is in test_cli_check).
+    text = alias_bomb(6)
+    (err,) = _errors(text)
+    # l3 stands for 11,111 nodes: the 8th alias of it (line 5) takes the document past 100,000.
+    assert (err.source, err.line, err.path) == ("f.yaml", 5, "")
+    assert err.message == "the document expands to more than 100000 nodes through aliases (at alias *l3)"
+
+
+def test_recursive_alias_is_refused_with_line() -> None:
+    (err,) = _errors("a: 1\nb: &loop\n  - x\n  - *loop\n")
+    assert (err.line, err.message) == (4, "alias *loop refers to its own anchor (a recursive structure)")
+    (err,) = _errors("m: &m {k: *m}\n")
+    assert (err.line, err.message) == (1, "alias *m refers to its own anchor (a recursive structure)")
+
+
+def test_nesting_depth_is_bounded_with_line() -> None:
+    assert load_yaml(nested(64), "f.yaml").data is not None  # the root mapping is level 1
+    (err,) = _errors("ok: 1\n" + nested(65))
+    assert (err.line, err.message) == (2, "nesting deeper than 64 levels")
+    (err,) = _errors(nested(600))  # the composer itself would raise RecursionError here
+    assert (err.line, err.message) == (1, "nesting deeper than 64 levels")
+    deep_block = "".join("  " * i + f"k{i}:\n" for i in range(70)) + "  " * 70 + "v: 1\n"
+    (err,) = _errors(deep_block)
+    assert (err.line, err.message) == (65, "nesting deeper than 64 levels")  # mapping n starts on line n
+
+
+def test_alias_expanding_below_the_depth_limit_is_refused() -> None:
+    # Each anchor is 40 levels deep in the text; reusing it 40 levels down makes 80 once expanded.
+    inner = "[" * 40 + "]" * 40
+    text = f"a: &deep {inner}\nb: " + "[" * 39 + "*deep" + "]" * 39 + "\n"
+    (err,) = _errors(text)
+    assert (err.line, err.message) == (2, "alias *deep nests deeper than 64 levels when expanded")
+
+
+def test_alias_count_is_bounded() -> None:
+    ok = "a: &a 1\nb: [" + ", ".join(["*a"] * 100) + "]\n"
+    assert load_yaml(ok, "f.yaml").data["b"] == [1] * 100
+    too_many = "a: &a 1\nb: [" + ", ".join(["*a"] * 100) + "]\nc: *a\n"
+    (err,) = _errors(too_many)
+    assert (err.line, err.message) == (3, "more than 100 aliases")
+
+
+def test_node_count_is_bounded_without_aliases() -> None:
+    text = "a: [" + ",".join(["1"] * 60_000) + "]\nb: [" + ",".join(["2"] * 60_000) + "]\n"
+    (err,) = _errors(text)
+    assert (err.line, err.message) == (2, "the document has more than 100000 nodes")
+
+
+def test_file_size_is_bounded() -> None:
+    text = "a: '" + "x" * (1024 * 1024) + "'\n"
+    (err,) = _errors(text)
+    assert (err.line, err.path) == (None, "")
+    assert err.message == f"the file is {len(text)} bytes; the limit is 1048576 (1 MiB)"
+    # Counted in UTF-8 bytes, not characters.
+    (err,) = _errors("a: '" + "é" * 600_000 + "'\n")
+    assert "the limit is 1048576" in err.message
+
+
+def test_bounds_apply_with_env_expansion_too() -> None:
+    (err,) = _errors(alias_bomb(6), env={})
+    assert err.line == 5 and "more than 100000 nodes" in err.message
+
+
+def test_limits_can_be_tightened_per_call() -> None:
+    from rules.yamlsrc import YamlLimits
+
+    with pytest.raises(YamlLoadError) as info:
+        load_yaml("a: [[1]]\n", "f.yaml", limits=YamlLimits(max_depth=2))
+    assert [(e.line, e.message) for e in info.value.errors] == [(1, "nesting deeper than 2 levels")]

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+import jsonschema_rs
 import pytest
 
-from rules.schemas import CompiledSchema, SchemaCache, SchemaDefinitionError, SchemaViolation, compile_schema
+from rules.schemas import (
+    CompiledSchema,
+    SchemaCache,
+    SchemaDefinitionError,
+    SchemaLimits,
+    SchemaTooComplex,
+    SchemaViolation,
+    compile_schema,
+)
 
 TICKET_ACTION: dict[str, Any] = {
     "type": "object",
@@ -36,6 +46,8 @@ SEND_EMAIL: dict[str, Any] = {
 
 VALID_ACTION = {"action": "resolve", "reason": "refund", "confidence": 0.93, "requires_human_review": False}
 ANY_OF = "is not valid under any of the schemas listed in the 'anyOf' keyword"
+REGEX_HINT = (" (patterns use a linear-time engine: no backreferences or look-around, and a compiled size"
+              " of at most 256 KiB per pattern, less when a schema has more than 4)")
 
 
 def V(path: str, message: str) -> SchemaViolation:  # noqa: N802 - reads like a constructor
@@ -181,7 +193,7 @@ def test_mapping_schemas_are_accepted() -> None:
         ({"minimum": "x"}, 'invalid JSON schema at /minimum: "x" is not of type "number"'),
         ({"required": "a"}, 'invalid JSON schema at /required: "a" is not of type "array"'),
         ({"properties": {"a": {"type": 5}}}, f"invalid JSON schema at /properties/a/type: 5 {ANY_OF}"),
-        ({"type": "string", "pattern": "("}, 'invalid JSON schema at /pattern: "(" is not a "regex"'),
+        ({"type": "string", "pattern": "("}, f'invalid JSON schema at /pattern: "(" is not a "regex"{REGEX_HINT}'),
         ({"$ref": "#/$defs/missing"}, "invalid JSON schema at /: Pointer '/$defs/missing' does not exist"),
         (
             {"$schema": "http://json-schema.org/draft-07/schema#", "type": "nope"},
@@ -259,12 +271,15 @@ def test_cache_evicts_least_recently_used() -> None:
     assert (cache.hits, cache.misses) == (2, 4)
 
 
-def test_cache_does_not_store_invalid_schemas() -> None:
+def test_cache_remembers_invalid_schemas() -> None:
     cache = SchemaCache()
-    for _ in range(2):
-        with pytest.raises(SchemaDefinitionError):
+    messages = set()
+    for _ in range(3):
+        with pytest.raises(SchemaDefinitionError) as info:
             cache.get({"type": "nope"})
-    assert (len(cache), cache.misses) == (0, 2)
+        messages.add(str(info.value))
+    assert messages == {f'invalid JSON schema at /type: "nope" {ANY_OF}'}  # the unmasked message, every time
+    assert (len(cache), cache.misses, cache.hits) == (1, 1, 2)
 
 
 def test_cache_size_must_be_positive() -> None:
@@ -296,3 +311,211 @@ def test_cache_keeps_one_object_when_threads_race() -> None:
     assert len(cache) == 1
     assert len(results) == 8
     assert all(r is results[0] for r in results)  # a losing compile is discarded, not returned
+
+
+# --- bounded cost: linear-time patterns, caps before compiling, negative cache, bounded reports ---------
+
+
+LIMITS = SchemaLimits(max_bytes=65536, max_depth=32)
+
+
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every schema jsonschema_rs is asked to compile (a spy on the library; our code runs unchanged)."""
+    seen: list[str] = []
+    real: Callable[..., Any] = jsonschema_rs.validator_for
+
+    def spy(schema: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(schema if isinstance(schema, str) else repr(schema))
+        return real(schema, *args, **kwargs)
+
+    monkeypatch.setattr(jsonschema_rs, "validator_for", spy)
+    return seen
+
+
+def test_backreferences_are_refused_by_the_linear_time_engine() -> None:
+    # The backtracking engine accepted this and then took seconds on a crafted argument.
+    with pytest.raises(SchemaDefinitionError) as info:
+        compile_schema({"type": "string", "pattern": r"^(\w+\s?)+\1$"})
+    assert str(info.value) == r'invalid JSON schema at /pattern: "^(\\w+\\s?)+\\1$" is not a "regex"' + REGEX_HINT
+
+
+@pytest.mark.parametrize("pattern", [r"^(?=a)b", r"(?<!x)y", r"(?<n>a)\k<n>"])
+def test_look_around_is_refused(pattern: str) -> None:
+    with pytest.raises(SchemaDefinitionError, match="no backreferences or look-around"):
+        compile_schema({"type": "string", "pattern": pattern})
+
+
+def test_one_pattern_compile_is_bounded() -> None:
+    # \p{L}{200} compiled for ~100 ms before; the engine's size limit now stops it early.
+    with pytest.raises(SchemaDefinitionError, match="compiled size"):
+        compile_schema({"type": "string", "pattern": r"\p{L}{200}"})
+    with pytest.raises(SchemaDefinitionError, match="compiled size"):
+        compile_schema({"patternProperties": {r"\p{L}{200}x": {}}})
+    assert compile_schema({"type": "string", "pattern": r"^\p{L}{5}$"}).is_valid("Zoëab")
+
+
+def test_pattern_budget_is_shared_by_the_patterns_of_a_schema() -> None:
+    # Up to four patterns may compile to 256 KiB each; six share 1 MiB (~170 KiB each), too little for
+    # this one (~210 KiB). (An anchored class repetition like ^\p{L}{5}$ needs no regex at all.)
+    heavy = r"^\p{L}{5}x$"
+    compile_schema({"properties": {f"p{i}": {"pattern": heavy} for i in range(4)}}, limits=LIMITS)
+    with pytest.raises(SchemaDefinitionError, match="compiled size"):
+        compile_schema({"properties": {f"p{i}": {"pattern": heavy} for i in range(6)}}, limits=LIMITS)
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"items": schema}  # one nesting level each
+    return schema
+
+
+def _laughs(levels: int, fanout: int = 10) -> dict[str, Any]:
+    defs: dict[str, Any] = {"l0": {"type": "string"}}
+    for k in range(1, levels + 1):
+        defs[f"l{k}"] = {"allOf": [{"$ref": f"#/$defs/l{k - 1}"}] * fanout}
+    return {"$defs": defs, "$ref": f"#/$defs/l{levels}"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"enum": ["x" * 70_000]}, "the schema is 70013 bytes; at most 65536 are allowed"),
+        (_nested(32), "the schema nests more than 32 levels deep"),
+        (
+            {"properties": {f"p{i}": {"pattern": f"^{i}$"} for i in range(65)}},
+            "the schema has 65 regular expressions (pattern, patternProperties); at most 64 are allowed",
+        ),
+        (
+            {"patternProperties": {f"^{i}$": {} for i in range(40)}, "propertyNames": {"pattern": "^a"},
+             "properties": {f"p{i}": {"pattern": "^b"} for i in range(24)}},
+            "the schema has 65 regular expressions (pattern, patternProperties); at most 64 are allowed",
+        ),
+        (_laughs(4), "the schema expands to 93815 values through $ref; at most 65536 are allowed"),
+        ({"$ref": "#foo", "$defs": {"a": {"$anchor": "foo"}}},
+         "only local references ('#' or '#/...') are allowed, not '#foo'"),
+        ({"$ref": "other.json"}, "only local references ('#' or '#/...') are allowed, not 'other.json'"),
+        ({"$dynamicRef": "#/$defs/a", "$defs": {"a": {}}},
+         "only local references ('#' or '#/...') are allowed, not $dynamicRef"),
+        ({"$defs": {"a": {"$id": "https://example.com/a", "type": "string"}}, "$ref": "#/$defs/a"},
+         "embedded resources ($id below the root) are not allowed with $ref"),
+    ],
+)
+def test_caps_refuse_before_compiling(compiles: list[str], schema: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaTooComplex) as info:
+        compile_schema(schema, limits=LIMITS)
+    assert str(info.value) == message
+    assert compiles == []  # refused without asking the library to compile anything
+
+
+def test_caps_allow_what_is_at_the_limit() -> None:
+    compile_schema(_nested(31), limits=LIMITS)  # 32 levels
+    compile_schema({"properties": {f"p{i}": {"pattern": f"^{i}$"} for i in range(64)}}, limits=LIMITS)
+    compile_schema(_laughs(3), limits=LIMITS)  # 9,000 values once expanded
+    size = len(b'{"enum":[""]}')
+    compile_schema({"enum": ["x" * (65536 - size)]}, limits=LIMITS)
+    # without limits (a policy's own schemas) there are no size caps
+    compile_schema({"enum": ["x" * 70_000]})
+    compile_schema(_nested(40))
+
+
+def test_too_complex_is_a_schema_definition_error() -> None:
+    # The compiler reports it as a located load error like any other invalid schema.
+    assert issubclass(SchemaTooComplex, SchemaDefinitionError)
+
+
+def test_limits_must_be_sane() -> None:
+    with pytest.raises(ValueError, match="max_depth between 1 and 1023"):
+        SchemaLimits(max_depth=1024)
+    with pytest.raises(ValueError, match="max_bytes must be positive"):
+        SchemaLimits(max_bytes=0)
+
+
+def test_oversize_is_refused_by_the_cache_before_measuring(compiles: list[str]) -> None:
+    cache = SchemaCache()
+    with pytest.raises(SchemaTooComplex, match="70013 bytes"):
+        cache.get({"enum": ["x" * 70_000]}, limits=LIMITS)
+    assert (compiles, len(cache)) == ([], 0)
+
+
+def test_recursion_and_reuse_are_not_expansion() -> None:
+    tree = {"$defs": {"n": {"required": ["kids"], "properties": {"kids": {"items": {"$ref": "#/$defs/n"}}}}},
+            "$ref": "#/$defs/n"}
+    assert compile_schema(tree, limits=LIMITS).is_valid({"kids": [{"kids": []}]})
+    assert not compile_schema(tree, limits=LIMITS).is_valid({"kids": [{}]})
+    assert compile_schema({"properties": {"a": {"$ref": "#"}}}, limits=LIMITS).is_valid({"a": {"a": {}}})
+    escaped = {"$defs": {"a/b~c": {"type": "string"}, "d e": {"type": "integer"}},
+               "properties": {"x": {"$ref": "#/$defs/a~1b~0c"}, "y": {"$ref": "#/$defs/d%20e"}}}
+    assert compile_schema(escaped, limits=LIMITS).violations({"x": 1, "y": "s"}) == [
+        V("/x", 'value is not of type "string"'), V("/y", 'value is not of type "integer"')]
+    by_index = {"anyOf": [{"type": "object"}, {"type": "string"}], "properties": {"a": {"$ref": "#/anyOf/1"}}}
+    assert compile_schema(by_index, limits=LIMITS).violations({"a": 1}) == [V("/a", 'value is not of type "string"')]
+    # a pointer to nothing passes the caps and is reported by the compiler
+    for missing in ("#/anyOf/2", "#/anyOf/x", "#/anyOf/1/type/x"):
+        with pytest.raises(SchemaDefinitionError, match="does not exist|Failed to parse array index") as info:
+            compile_schema({**by_index, "properties": {"a": {"$ref": missing}}}, limits=LIMITS)
+        assert not isinstance(info.value, SchemaTooComplex)
+    # a "$ref" that is data (in a const, or a property named "$ref") is not a reference
+    data = {"const": {"$ref": "https://example.com"}, "properties": {"$ref": {"type": "string"}}}
+    assert compile_schema(data, limits=LIMITS).is_valid({"$ref": "https://example.com"})
+
+
+def test_failing_schema_is_compiled_once(compiles: list[str]) -> None:
+    cache = SchemaCache()
+    for _ in range(3):
+        with pytest.raises(SchemaDefinitionError, match="backreferences"):
+            cache.get({"type": "string", "pattern": r"(a)\1"}, limits=LIMITS)
+    assert len(compiles) == 1  # before: twice per request (masked, then again for the message)
+    assert (cache.compiles, cache.misses, cache.hits) == (1, 1, 2)
+
+
+def test_too_complex_schema_is_remembered_without_compiling(compiles: list[str]) -> None:
+    cache = SchemaCache()
+    for _ in range(2):
+        with pytest.raises(SchemaTooComplex, match="nests more than 32 levels"):
+            cache.get(_nested(39), limits=LIMITS)
+    assert compiles == []
+    assert (cache.compiles, cache.misses, cache.hits) == (0, 1, 1)
+    # The caps belong to the caller, the measured shape to the schema: looser limits compile it.
+    assert cache.get(_nested(39), limits=SchemaLimits(max_bytes=65536, max_depth=40)).is_valid([])
+    assert cache.get(_nested(39)).is_valid([])
+    assert len(compiles) == 1
+
+
+def test_cache_is_bounded_by_weight_too() -> None:
+    # Entries weigh their schema bytes plus the regex memory they may hold: a few heavy ones fill it.
+    cache = SchemaCache(maxsize=50, max_weight=1 << 20)
+    for i in range(8):
+        cache.get({"type": "string", "pattern": rf"^\p{{L}}{i}$"})  # up to 256 KiB of regex memory each
+    assert len(cache) == 3
+    for i in range(100):
+        with pytest.raises(SchemaDefinitionError):
+            cache.get({"type": f"nope{i}"})  # failures are entries too, and evicted like the rest
+    assert len(cache) == 50
+
+
+def test_cache_weight_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_weight must be at least 1"):
+        SchemaCache(max_weight=0)
+
+
+def test_violations_stop_at_the_first_when_the_report_could_explode() -> None:
+    # Collecting every error costs one object per (failing keyword, value): 300 x 300 here. Beyond a fixed
+    # work bound only the first violation is reported; the verdict is the same.
+    schema = compile_schema({"type": "array", "items": {"allOf": [{"type": "string", "maxLength": i}
+                                                                  for i in range(300)]}})
+    assert schema.violations([1] * 300) == [V("/0", 'value is not of type "string"')]
+    assert not schema.is_valid([1] * 300)
+    small = compile_schema({"type": "array", "items": {"type": "string"}})
+    assert len(small.violations([1] * 20)) == 10  # cheap reports stay complete up to the limit
+
+
+def test_violations_of_amplifying_recursion_report_the_first_only() -> None:
+    # Each level of the instance multiplies the errors by 3 (3^8 of them at depth 8 before the fix).
+    schema = compile_schema({"$defs": {"a": {"allOf": [{"items": {"$ref": "#/$defs/a"}, "minItems": i}
+                                                       for i in range(3)]}}, "$ref": "#/$defs/a"})
+    instance: Any = 1
+    for _ in range(8):
+        instance = [instance]
+    assert len(schema.violations(instance)) == 1

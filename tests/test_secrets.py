@@ -90,7 +90,8 @@ def _drive(t: Transcript, mock: Mock) -> None:
     # happy paths: chat, a tool call, a stream, admin and info routes
     mock.script({"content": "fine", "usage": {"prompt_tokens": 9, "completion_tokens": 2}},
                 {"tool_calls": [{"name": "search", "arguments": json.dumps({"q": PROMPT})}]})
-    assert t.chat().status_code == 200
+    first = t.chat()
+    assert first.status_code == 200
     assert t.chat().status_code == 200
     mock.script({"content": "streamed answer", "chunk_chars": 4})
     assert t.chat(body={"stream": True}).status_code == 200
@@ -99,7 +100,8 @@ def _drive(t: Transcript, mock: Mock) -> None:
     assert t.request("GET", "/admin/approvals", ADMIN_SECRET).status_code == 200
     assert t.request("GET", "/v1/spend", ADMIN_SECRET).status_code == 200
     assert t.request("POST", "/v1/feedback", CALLER_SECRET,
-                     json={"decision_id": "dec_1", "outcome": "overridden"}).status_code == 200
+                     json={"decision_id": first.headers["x-guardproxy-decision-id"],
+                           "outcome": "overridden"}).status_code == 200
 
     # 401 with a wrong key in Authorization, on every kind of route
     assert t.chat(BAD_SECRET).status_code == 401

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.stores import Approval, Ceiling, MemoryStore, Store, StoreUnavailable, open_store
+from proxy.stores import Approval, Ceiling, Decided, MemoryStore, Store, StoreUnavailable, open_store
 from proxy.stores._breaker import CircuitBreaker
 from proxy.stores.redis import RedisStore
 
@@ -305,17 +305,18 @@ async def test_approval_lifecycle_and_single_consume(store: Store) -> None:
     assert await store.approval_find(conv, "refund", "other", now=NOW + 10) is None
 
     assert not await store.approval_consume(new.id, now=NOW + 10)  # still pending
-    decided = await store.approval_decide(new.id, True, "ok for VIP", "alice", now=NOW + 20)
-    assert decided is not None and decided.status == "approved"
+    first = await store.approval_decide(new.id, True, "ok for VIP", "alice", now=NOW + 20)
+    decided = first.approval
+    assert first.changed and decided is not None and decided.status == "approved"
     assert (decided.note, decided.decided_by, decided.decided_at) == ("ok for VIP", "alice", NOW + 20)
     again = await store.approval_decide(new.id, False, "no", "bob", now=NOW + 21)
-    assert again == decided  # only pending can be decided
-    assert await store.approval_decide("missing", True, None, None, now=NOW) is None
+    assert again == Decided(decided, False)  # only pending can be decided
+    assert await store.approval_decide("missing", True, None, None, now=NOW) == Decided(None, False)
 
     wins = await asyncio.gather(*(store.approval_consume(new.id, now=NOW + 30) for _ in range(20)))
     assert wins.count(True) == 1
     assert (await store.approval_get(new.id)) == dataclasses.replace(decided, status="used")
-    rejected = await store.approval_decide(old.id, False, None, "bob", now=NOW + 40)
+    rejected = (await store.approval_decide(old.id, False, None, "bob", now=NOW + 40)).approval
     assert rejected is not None and rejected.status == "rejected" and rejected.note is None
     assert not await store.approval_consume(old.id, now=NOW + 41)
     counts = await store.approval_counts(now=NOW + 50)
@@ -329,11 +330,125 @@ async def test_pending_approval_expires(store: Store) -> None:
     assert [x.status for x in await store.approval_list(None, now=NOW + 60) if x.id == a.id] == ["expired"]
     assert [x.id for x in await store.approval_list("pending", now=NOW + 60)] == []
     late = await store.approval_decide(a.id, True, None, "alice", now=NOW + 61)
-    assert late is not None and late.status == "expired" and late.decided_by is None
+    assert not late.changed and late.approval is not None
+    assert late.approval.status == "expired" and late.approval.decided_by is None
     assert not await store.approval_consume(a.id, now=NOW + 62)
     found = await store.approval_find(a.conversation, a.tool, a.args_hash, now=NOW + 61)
     assert found is not None and found.status == "expired"
     assert (await store.approval_counts(now=NOW + 61))["expired"] == 1
+
+
+async def test_concurrent_decides_have_exactly_one_winner(store: Store) -> None:
+    conv = f"conv-{uuid.uuid4().hex}"
+    for approve in (True, False):
+        a = approval(f"w-{uuid.uuid4().hex}", conv, NOW)
+        await store.approval_create(a)
+        outs = await asyncio.gather(*(store.approval_decide(a.id, approve, None, f"r{i}", now=NOW + 1)
+                                      for i in range(10)))
+        winners = [d for d in outs if d.changed]
+        assert len(winners) == 1
+        status = "approved" if approve else "rejected"
+        assert all(d.approval is not None and d.approval.status == status for d in outs)
+        won = winners[0].approval
+        assert won is not None
+        # every loser sees the winner's decision, not its own
+        assert {d.approval.decided_by for d in outs if d.approval is not None} == {won.decided_by}
+        # deciding again the same way, or the other way, changes nothing
+        for again in (approve, not approve):
+            assert await store.approval_decide(a.id, again, "late", "late", now=NOW + 2) == Decided(won, False)
+
+
+async def test_approval_unconsume_gives_back_only_a_used_approval(store: Store) -> None:
+    conv = f"conv-{uuid.uuid4().hex}"
+    a = approval(f"u-{uuid.uuid4().hex}", conv, NOW)
+    await store.approval_create(a)
+    assert not await store.approval_unconsume(a.id, now=NOW + 1)  # pending stays pending
+    assert (await store.approval_get(a.id)) == a
+    decided = (await store.approval_decide(a.id, True, None, "alice", now=NOW + 2)).approval
+    assert decided is not None
+    assert not await store.approval_unconsume(a.id, now=NOW + 3)  # approved, not used: nothing to give back
+    assert await store.approval_consume(a.id, now=NOW + 4)
+    backs = await asyncio.gather(*(store.approval_unconsume(a.id, now=NOW + 5) for _ in range(10)))
+    assert backs.count(True) == 1  # one use given back, once
+    assert (await store.approval_get(a.id)) == decided
+    assert await store.approval_consume(a.id, now=NOW + 6)  # usable exactly once more
+    assert not await store.approval_consume(a.id, now=NOW + 7)
+    assert (await store.approval_get(a.id)) == dataclasses.replace(decided, status="used")
+
+    r = approval(f"r-{uuid.uuid4().hex}", conv, NOW)
+    await store.approval_create(r)
+    await store.approval_decide(r.id, False, None, "bob", now=NOW + 1)
+    assert not await store.approval_unconsume(r.id, now=NOW + 2)  # rejected stays rejected
+    still = await store.approval_get(r.id, now=NOW + 2)
+    assert still is not None and still.status == "rejected"
+    assert not await store.approval_unconsume("missing", now=NOW)
+
+
+async def test_unmark_once_forgets_the_marker(store: Store) -> None:
+    conv = f"conv-{uuid.uuid4().hex}"
+    assert await store.mark_once(conv, "call-a", ttl_s=600)
+    assert await store.mark_once(conv, "call-b", ttl_s=600)
+    await store.unmark_once(conv, "call-a")
+    firsts = await asyncio.gather(*(store.mark_once(conv, "call-a", ttl_s=600) for _ in range(10)))
+    assert firsts.count(True) == 1  # forgotten, then marked again exactly once
+    assert await store.mark_once(conv, "call-b", ttl_s=600) is False  # other markers are untouched
+    await store.unmark_once(conv, "never-marked")  # forgetting nothing is fine
+    await store.unmark_once(conv + "x", "call-a")
+    assert await store.mark_once(conv, "call-a", ttl_s=600) is False
+
+
+async def test_feedback_set_returns_the_previous_verdict(store: Store) -> None:
+    did = f"dec-{uuid.uuid4().hex}"
+    assert await store.feedback_set(did, "overridden", "key-1", ttl_s=600) is None
+    assert await store.feedback_set(did, "confirmed", "key-1", ttl_s=600) == "overridden"
+    assert await store.feedback_set(did, "confirmed", "admin", ttl_s=600) == "confirmed"
+    assert await store.feedback_set(f"dec-{uuid.uuid4().hex}", "confirmed", "key-1", ttl_s=600) is None
+
+
+async def test_concurrent_feedback_sets_form_one_chain(store: Store) -> None:
+    did = f"dec-{uuid.uuid4().hex}"
+    outcomes = [f"o{i}" for i in range(12)]
+    prevs = await asyncio.gather(*(store.feedback_set(did, o, "k", ttl_s=600) for o in outcomes))
+    last = await store.feedback_set(did, "final", "k", ttl_s=600)
+    # one call was first; every other call saw exactly one earlier verdict, each replaced once
+    assert prevs.count(None) == 1
+    assert sorted([p for p in prevs if p is not None] + [last]) == sorted(outcomes)
+
+
+async def test_feedback_verdict_expires(store: Store) -> None:
+    did = f"dec-{uuid.uuid4().hex}"
+    assert await store.feedback_set(did, "overridden", "k", ttl_s=0.15) is None
+    await asyncio.sleep(0.3)  # lets the verdict lapse; nothing about timing is asserted
+    assert await store.feedback_set(did, "confirmed", "k", ttl_s=600) is None
+
+
+async def test_redis_resent_scripts_answer_what_the_first_attempt_did() -> None:
+    # The client re-sends a script whose reply was lost (timeout, reconnect): the per-call token makes the
+    # second run report the first run's outcome instead of applying again or reporting a loss.
+    prefix = f"gptest{uuid.uuid4().hex[:10]}:"
+    s = RedisStore.from_url(SHARED, prefix=prefix, timeout_s=1.0)
+    try:
+        a = approval(f"t-{uuid.uuid4().hex}", f"conv-{uuid.uuid4().hex}", NOW)
+        await s.approval_create(a)
+        rec = [s._a(f"r:{a.id}")]
+        decide = [repr(NOW + 1), "approved", "", "0", "alice", "1", "tok-1"]
+        assert [int(x[0]) for x in [await s._a_decide(keys=rec, args=decide) for _ in range(2)]] == [1, 1]
+        assert int((await s._a_decide(keys=rec, args=[*decide[:6], "tok-2"]))[0]) == 0  # another caller lost
+
+        assert await s.approval_consume(a.id, now=NOW + 2)
+        assert await s._a_unconsume(keys=rec, args=["u-1"]) == 1
+        assert await s.approval_consume(a.id, now=NOW + 3)  # used again before the re-sent unconsume lands
+        assert await s._a_unconsume(keys=rec, args=["u-1"]) == 1
+        got = await s.approval_get(a.id)
+        assert got is not None and got.status == "used"  # one use given back, not two
+
+        fk = [f"{prefix}f:dec-{uuid.uuid4().hex}"]
+        assert await s._feedback(keys=fk, args=["f-1", "overridden", "k", "60000"]) is None
+        assert await s._feedback(keys=fk, args=["f-2", "confirmed", "k", "60000"]) == b"overridden"
+        assert await s._feedback(keys=fk, args=["f-2", "confirmed", "k", "60000"]) == b"overridden"
+    finally:
+        await _drop_prefix(s._r, prefix)
+        await s.close()
 
 
 async def test_ping_and_describe(store: Store) -> None:

@@ -15,6 +15,7 @@ from .base import (
     Approval,
     ApprovalStatus,
     Ceiling,
+    Decided,
     IdemBegin,
     IdemState,
     ReserveResult,
@@ -28,6 +29,7 @@ __all__ = [
     "Approval",
     "ApprovalStatus",
     "Ceiling",
+    "Decided",
     "IdemBegin",
     "IdemState",
     "MemoryStore",
@@ -38,10 +40,13 @@ __all__ = [
 ]
 
 
-def open_store(url: str, *, timeout_s: float = 0.25, prefix: str = "gp:") -> Store:
-    """The store named by ``url``. Nothing connects until the first call."""
+def open_store(
+    url: str, *, timeout_s: float = 0.25, prefix: str = "gp:", max_entries: int = 1_000_000
+) -> Store:
+    """The store named by ``url``. Nothing connects until the first call. ``max_entries``
+    bounds the memory store (Redis is bounded by its own ``maxmemory``)."""
     if url == "memory":
-        return MemoryStore()
+        return MemoryStore(max_entries=max_entries)
     if url.split("://", 1)[0].lower() in (
         "redis",
         "rediss",

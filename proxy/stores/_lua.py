@@ -156,17 +156,20 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 """
 
-# KEYS: record.  ARGV: now, new status, note or '', has_note, by or '', has_by.
-# Returns the record (HGETALL) after the step, empty if unknown.
+# KEYS: record.  ARGV: now, new status, note or '', has_note, by or '', has_by, token.
+# Returns {1 if this call decided it else 0, record (HGETALL) after the step}; {} if unknown. The token
+# makes a retried call whose first reply was lost still report that it won.
 APPROVAL_DECIDE = """
-local v = redis.call('HMGET', KEYS[1], 'status', 'expires_at')
+local v = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'decided_tok')
 if not v[1] then return {} end
+if v[3] == ARGV[7] then return {1, redis.call('HGETALL', KEYS[1])} end
 if v[1] == 'pending' and tonumber(ARGV[1]) < tonumber(v[2]) then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'decided_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'decided_at', ARGV[1], 'decided_tok', ARGV[7])
   if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'note', ARGV[3]) end
   if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'decided_by', ARGV[5]) end
+  return {1, redis.call('HGETALL', KEYS[1])}
 end
-return redis.call('HGETALL', KEYS[1])
+return {0, redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: record.  ARGV: token.  approved -> used exactly once; a retried call with the same token wins again.
@@ -178,4 +181,30 @@ if v[1] == 'approved' then
 end
 if v[1] == 'used' and v[2] == ARGV[1] then return 1 end
 return 0
+"""
+
+# KEYS: record.  ARGV: token.  used -> approved (a use given back), once: a retried call with the same
+# token answers 1 again without giving back a second use, even if the approval was consumed meanwhile.
+APPROVAL_UNCONSUME = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'unused_by')
+if not v[1] then return 0 end
+if v[2] == ARGV[1] then return 1 end
+if v[1] == 'used' then
+  redis.call('HSET', KEYS[1], 'status', 'approved', 'unused_by', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'used_by')
+  return 1
+end
+return 0
+"""
+
+# KEYS: verdict hash.  ARGV: token, outcome, by, ttl_ms.  Replaces the verdict; returns the previous
+# outcome (nil if none). A retried call with the same token answers what the first one saw.
+FEEDBACK_SET = """
+local v = redis.call('HMGET', KEYS[1], 'outcome', 'tok', 'prev')
+if v[2] == ARGV[1] then return v[3] end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'outcome', ARGV[2], 'by', ARGV[3], 'tok', ARGV[1])
+if v[1] then redis.call('HSET', KEYS[1], 'prev', v[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return v[1]
 """

@@ -8,7 +8,8 @@ replicas). It holds the small amount of shared state the proxy needs:
   leak budget;
 * idempotency records (in-flight marker, then the finished response bytes);
 * "once per conversation" markers for duplicate tool calls;
-* human approvals.
+* human approvals;
+* one feedback verdict per decision.
 
 Money is always integer micro-dollars (µ$). Where time matters for a decision the
 caller passes ``now`` (epoch seconds) so tests control the clock; pure retention
@@ -31,6 +32,7 @@ __all__ = [
     "Approval",
     "ApprovalStatus",
     "Ceiling",
+    "Decided",
     "IdemBegin",
     "IdemState",
     "ReserveResult",
@@ -105,6 +107,16 @@ class Approval:
     note: str | None = None
     decided_by: str | None = None
     decided_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Decided:
+    """Outcome of :meth:`Store.approval_decide`: the approval as it stands after the call
+    (``None`` if unknown) and whether *this* call made the pending -> approved/rejected step.
+    Of concurrent deciders exactly one sees ``changed``."""
+
+    approval: Approval | None
+    changed: bool
 
 
 def fullest(ceilings: Sequence[Ceiling], used: dict[str, int]) -> Ceiling:
@@ -190,6 +202,10 @@ class Store(abc.ABC):
     async def mark_once(self, conversation: str, call_hash: str, *, ttl_s: float) -> bool:
         """True the first time (conversation, call_hash) is seen within ``ttl_s``."""
 
+    @abc.abstractmethod
+    async def unmark_once(self, conversation: str, call_hash: str) -> None:
+        """Forget a :meth:`mark_once` marker (its call was never delivered); no-op if absent."""
+
     # -- approvals ---------------------------------------------------------
     @abc.abstractmethod
     async def approval_create(self, a: Approval) -> None: ...
@@ -205,8 +221,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def approval_decide(
         self, id: str, approve: bool, note: str | None, by: str | None, *, now: float
-    ) -> Approval | None:
-        """pending -> approved/rejected; None if unknown; unchanged if not pending."""
+    ) -> Decided:
+        """pending -> approved/rejected, atomically; ``changed`` tells whether this call did it.
+        Unknown: ``Decided(None, False)``; not pending (or expired): unchanged, ``changed`` False."""
 
     @abc.abstractmethod
     async def approval_find(
@@ -219,8 +236,19 @@ class Store(abc.ABC):
         """approved -> used, exactly once across concurrent callers."""
 
     @abc.abstractmethod
+    async def approval_unconsume(self, id: str, *, now: float) -> bool:
+        """used -> approved (the consumed use was never delivered); True if this call changed it.
+        Any other status is left alone."""
+
+    @abc.abstractmethod
     async def approval_counts(self, *, now: float | None = None) -> dict[str, int]:
         """Count per status (every status present, zero included)."""
+
+    # -- feedback ----------------------------------------------------------
+    @abc.abstractmethod
+    async def feedback_set(self, decision_id: str, outcome: str, by: str, *, ttl_s: float) -> str | None:
+        """Store the one verdict for ``decision_id`` (kept ``ttl_s``), replacing any earlier one,
+        atomically; returns the previous outcome, None if this is the first."""
 
     # -- lifecycle ---------------------------------------------------------
     @abc.abstractmethod

@@ -16,8 +16,9 @@ Failures: ``socket_timeout`` = ``socket_connect_timeout`` = ``timeout_s``, one
 retry with a short exponential backoff (the client reconnects on it, so the first
 call after Redis comes back succeeds), and a hard deadline of
 ``(retries + 1) * timeout_s + backoff`` per call. Retries are safe: reserve,
-settle, mark_once, idem_begin and approval_consume carry a per-call token or id,
-so a re-sent script whose first reply was lost does not apply twice. After 5
+settle, mark_once, idem_begin, approval_decide/consume/unconsume and feedback_set
+carry a per-call token or id, so a re-sent script whose first reply was lost does
+not apply twice (and still reports what the first attempt did). After 5
 consecutive failures a circuit breaker fails calls fast for 1 s. Every failure
 surfaces as :class:`StoreUnavailable`.
 """
@@ -36,12 +37,14 @@ import redis.exceptions as rexc
 
 from . import _lua
 from ._breaker import CircuitBreaker
+from ._codec import approval_fields, parse_approval
 from ._redis_connect import backoff, connect, redact
 from .base import (
     APPROVAL_STATUSES,
     SETTLE_MEMORY_S,
     Approval,
     Ceiling,
+    Decided,
     IdemBegin,
     ReserveResult,
     Store,
@@ -111,7 +114,8 @@ class RedisStore(Store):
         self._idem_begin, self._idem_complete = s(_lua.IDEM_BEGIN), s(_lua.IDEM_COMPLETE)
         self._idem_abort, self._once = s(_lua.IDEM_ABORT), s(_lua.ONCE)
         self._a_create, self._a_decide = s(_lua.APPROVAL_CREATE), s(_lua.APPROVAL_DECIDE)
-        self._a_consume = s(_lua.APPROVAL_CONSUME)
+        self._a_consume, self._a_unconsume = s(_lua.APPROVAL_CONSUME), s(_lua.APPROVAL_UNCONSUME)
+        self._feedback = s(_lua.FEEDBACK_SET)
 
     @classmethod
     def from_url(
@@ -233,23 +237,30 @@ class RedisStore(Store):
         await self._call(lambda: self._idem_abort(keys=keys))
 
     # -- duplicate tool calls ----------------------------------------------
+    def _o(self, conversation: str, call_hash: str) -> str:
+        return f"{self._p}o:{len(conversation)}:{conversation}:{call_hash}"
+
     async def mark_once(self, conversation: str, call_hash: str, *, ttl_s: float) -> bool:
-        keys = [f"{self._p}o:{len(conversation)}:{conversation}:{call_hash}"]
+        keys = [self._o(conversation, call_hash)]
         args = [uuid.uuid4().hex, _ms(ttl_s)]
         return bool(await self._call(lambda: self._once(keys=keys, args=args)))
+
+    async def unmark_once(self, conversation: str, call_hash: str) -> None:
+        key = self._o(conversation, call_hash)
+        await self._call(lambda: self._r.delete(key))
 
     # -- approvals ---------------------------------------------------------
     async def approval_create(self, a: Approval) -> None:
         keys = [self._a(f"r:{a.id}"), self._a("idx"), self._a_find_key(a.conversation, a.tool, a.args_hash)]
         keep = math.ceil(max(0.0, a.expires_at - a.created_at)) + self._retention
         args: list[str] = [a.id, repr(float(a.created_at)), str(keep)]
-        for k, v in _approval_fields(a).items():
+        for k, v in approval_fields(a).items():
             args += [k, v]
         await self._call(lambda: self._a_create(keys=keys, args=args))
 
     async def approval_get(self, id: str, *, now: float | None = None) -> Approval | None:
         raw = await self._call(lambda: self._r.hgetall(self._a(f"r:{id}")))
-        return effective(_parse_approval(raw), now) if raw else None
+        return effective(parse_approval(raw), now) if raw else None
 
     async def _all_approvals(self) -> list[Approval]:
         async def run() -> list[Approval]:
@@ -264,7 +275,7 @@ class RedisStore(Store):
                     pipe.hgetall(self._a(f"r:{aid.decode()}"))
                 for aid, raw in zip(batch, await pipe.execute(), strict=True):
                     if raw:
-                        found.append(_parse_approval(raw))
+                        found.append(parse_approval(raw))
                     else:
                         gone.append(aid)
             if gone:
@@ -280,7 +291,7 @@ class RedisStore(Store):
 
     async def approval_decide(
         self, id: str, approve: bool, note: str | None, by: str | None, *, now: float
-    ) -> Approval | None:
+    ) -> Decided:
         args = [
             repr(float(now)),
             "approved" if approve else "rejected",
@@ -288,10 +299,13 @@ class RedisStore(Store):
             "0" if note is None else "1",
             by or "",
             "0" if by is None else "1",
+            uuid.uuid4().hex,
         ]
         keys = [self._a(f"r:{id}")]
         raw = await self._call(lambda: self._a_decide(keys=keys, args=args))
-        return effective(_parse_approval(raw), now) if raw else None
+        if not raw:
+            return Decided(None, False)
+        return Decided(effective(parse_approval(raw[1]), now), bool(int(raw[0])))
 
     async def approval_find(
         self, conversation: str, tool: str, args_hash: str, *, now: float
@@ -300,7 +314,7 @@ class RedisStore(Store):
             for aid in await self._r.zrevrange(self._a_find_key(conversation, tool, args_hash), 0, -1):
                 raw = await self._r.hgetall(self._a(f"r:{aid.decode()}"))
                 if raw:
-                    return _parse_approval(raw)
+                    return parse_approval(raw)
             return None
 
         found = await self._call(run)
@@ -310,11 +324,23 @@ class RedisStore(Store):
         keys, args = [self._a(f"r:{id}")], [uuid.uuid4().hex]
         return bool(await self._call(lambda: self._a_consume(keys=keys, args=args)))
 
+    async def approval_unconsume(self, id: str, *, now: float) -> bool:
+        keys, args = [self._a(f"r:{id}")], [uuid.uuid4().hex]
+        return bool(await self._call(lambda: self._a_unconsume(keys=keys, args=args)))
+
     async def approval_counts(self, *, now: float | None = None) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(APPROVAL_STATUSES, 0)
         for a in await self._all_approvals():
             counts[effective(a, now).status] += 1
         return counts
+
+    # -- feedback ----------------------------------------------------------
+    async def feedback_set(self, decision_id: str, outcome: str, by: str, *, ttl_s: float) -> str | None:
+        # one key per decision: any slot in a cluster, and the script touches nothing else
+        keys = [f"{self._p}f:{decision_id}"]
+        args = [uuid.uuid4().hex, outcome, by, _ms(ttl_s)]
+        prev = await self._call(lambda: self._feedback(keys=keys, args=args))
+        return None if prev is None else bytes(prev).decode()
 
     # -- lifecycle ---------------------------------------------------------
     async def ping(self) -> bool:
@@ -350,52 +376,4 @@ def deadline_s(timeout_s: float, retries: int) -> float:
 def _pool_exhausted(e: BaseException) -> bool:
     return isinstance(e, rexc.MaxConnectionsError) or (
         type(e) is rexc.ConnectionError and str(e) == "No connection available."
-    )
-
-
-def _approval_fields(a: Approval) -> dict[str, str]:
-    out = {
-        "id": a.id,
-        "principal": a.principal,
-        "team": a.team,
-        "conversation": a.conversation,
-        "tool": a.tool,
-        "args_hash": a.args_hash,
-        "rule_id": a.rule_id,
-        "reason": a.reason,
-        "created_at": repr(float(a.created_at)),
-        "expires_at": repr(float(a.expires_at)),
-        "status": a.status,
-    }
-    if a.note is not None:
-        out["note"] = a.note
-    if a.decided_by is not None:
-        out["decided_by"] = a.decided_by
-    if a.decided_at is not None:
-        out["decided_at"] = repr(float(a.decided_at))
-    return out
-
-
-def _parse_approval(raw: dict[bytes, bytes] | list[bytes]) -> Approval:
-    if isinstance(raw, list):
-        raw = dict(zip(raw[::2], raw[1::2], strict=True))
-    d = {k.decode(): v.decode() for k, v in raw.items()}
-    status = d["status"]
-    if status not in APPROVAL_STATUSES:
-        raise ValueError(f"corrupt approval status {status!r}")
-    return Approval(
-        id=d["id"],
-        principal=d["principal"],
-        team=d["team"],
-        conversation=d["conversation"],
-        tool=d["tool"],
-        args_hash=d["args_hash"],
-        rule_id=d["rule_id"],
-        reason=d["reason"],
-        created_at=float(d["created_at"]),
-        expires_at=float(d["expires_at"]),
-        status=status,  # narrowed to ApprovalStatus by the check above
-        note=d.get("note"),
-        decided_by=d.get("decided_by"),
-        decided_at=float(d["decided_at"]) if "decided_at" in d else None,
     )
