@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from otel.audit import AuditLog
 from otel.metrics import Metrics
@@ -115,6 +115,7 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
             if st.mock_server is not None:
                 st.mock_server.close()
             st.telemetry.tracing.shutdown()
+            st.cost.tokens.close()
             if st.telemetry.audit is not None:
                 st.telemetry.audit.close()
 
@@ -147,16 +148,17 @@ def create_app(config: Config, *, state: AppState | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Chat requests record their own failures (decision id, span); any other route still leaves a
+        # metric and an audit line. The route template, never the raw path, labels the metric.
         log.exception("unexpected error on %s", request.url.path)
+        template = next((getattr(r, "path", "other") for r in app.router.routes
+                         if r.matches(request.scope)[0] == Match.FULL), "other")
+        st.telemetry.metrics.observe_request(template, None, 500, 0.0, code="internal_error")
+        if st.telemetry.audit is not None:
+            with contextlib.suppress(OSError, ValueError):
+                st.telemetry.audit.record({"event": "internal_error", "route": template, "status": 500,
+                                           "error_code": "internal_error"})
         err = ProxyError("internal_error", "internal error; see the proxy log")
         return error_response(err)
 
     return app
-
-
-async def start_embedded_mock(host: str = "127.0.0.1") -> tuple[Any, str]:
-    """The built-in scripted model on a free loopback port (for a fresh machine without keys)."""
-    from proxy.mock_upstream import start
-
-    server, port = await start(host, 0)
-    return server, f"http://{host}:{port}/v1"

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from proxy.state import AppState
 
 CONVERSATION_HEADER = "x-guardproxy-conversation-id"
-ROUTE = "/v1/chat/completions"
 log = logging.getLogger("guardproxy")
 
 

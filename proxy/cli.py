@@ -71,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers > 1:
         os.environ["GUARDPROXY_CONFIG"] = str(Path(_config_path(args.config)).resolve())
         uvicorn.run("proxy.cli:worker_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http=http, ws="none", log_level="warning", access_log=False)
+                    loop="uvloop", http=http, ws="none", log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
         return 0
     mock_base = _start_mock_thread("127.0.0.1") if _needs_mock(config) else None
     try:

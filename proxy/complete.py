@@ -147,7 +147,7 @@ def _repair_done(state: AppState, ctx: RequestContext, decision: ResponseDecisio
 async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision: ResponseDecision,
                  choice: dict[str, Any], message: dict[str, Any]) -> None:
     out = decision.output
-    escalation = refuse_or_escalate(eff, out)
+    escalation = refuse_or_escalate(out)
     if escalation is not None:
         message["content"] = None
         message["tool_calls"] = [escalation]
@@ -156,7 +156,7 @@ async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision:
     elif out is not None and out.verdict == "rewrite":
         message["content"] = out.content
     if decision.calls:
-        outcome = await resolve_calls(state.store, ctx, eff, decision.calls,
+        outcome = await resolve_calls(state.store, ctx, decision.calls,
                                       approval_ttl_s=state.config.approval_ttl_s, fail_open=eff.fail_open)
         for name, result, _rule, _reason in ctx.tool_outcomes[-len(decision.calls):]:
             state.telemetry.metrics.tool_call(name, result)

@@ -38,6 +38,7 @@ from rules.cost import (
 from rules.evaluate import Principal
 
 DEFAULT_OUTPUT_BOUND = 4096
+_ID_TEXT_MAX = 65536
 WOULD_REFUSE = "would_refuse:budget_exceeded"
 PROMPT_SLACK = 256  # tokens a provider may add to a prompt beyond the proxy's own count
 UNLIMITED = 2**52  # a tracking counter: spend is recorded where no ceiling limits it
@@ -59,8 +60,14 @@ def conversation_id(principal: Principal, body: dict[str, Any], header: str | No
         elif role == "user":
             first_user = str(m.get("content"))
             break
-    h = hashlib.sha256(f"{principal.key_id}\x00{system}\x00{first_user}".encode("utf-8", "surrogatepass"))
+    h = hashlib.sha256(f"{principal.key_id}\x00{_head(system)}\x00{_head(first_user)}".encode("utf-8", "surrogatepass"))
     return "auto-" + h.hexdigest()[:24]
+
+
+def _head(text: str) -> str:
+    """A long text stands for itself by its first 64 KiB and its length: hashing a 7 MB prompt in full on the
+    event loop would cost more than the id is worth."""
+    return text if len(text) <= _ID_TEXT_MAX else f"{text[:_ID_TEXT_MAX]}\x00{len(text)}"
 
 
 @dataclass

@@ -88,7 +88,10 @@ class Idempotency:
         key = request.headers.get(HEADER)
         if key is None:
             return IdemHandle(None, None, "", 0)
-        if not key or len(key) > MAX_KEY:
+        if not key.strip():
+            raise ProxyError("idempotency_key_empty", "Idempotency-Key is empty; send 1 to "
+                             f"{MAX_KEY} characters, or no header", param="Idempotency-Key")
+        if len(key) > MAX_KEY:
             raise ProxyError("idempotency_key_too_long", f"Idempotency-Key must be 1 to {MAX_KEY} characters",
                              param="Idempotency-Key")
         # length-prefixed: key ids may contain ":", and no (key id, key) pair may alias another

@@ -19,7 +19,6 @@ from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
 from proxy.texts import message_texts
 from rules.decision import CallVerdict, OutputVerdict, ResponseDecision, ToolCallIn
-from rules.effective import Effective
 from rules.evaluate import printable_name
 
 
@@ -49,16 +48,13 @@ class Outcome:
     kept: list[dict[str, Any]] = field(default_factory=list)  # {"index","id","name","arguments","legacy"}
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def blocked_everything(self) -> bool:
-        return not self.kept and bool(self.notes)
 
 
 def _kept(call: ToolCallIn, name: str, arguments: str) -> dict[str, Any]:
     return {"index": call.index, "id": call.id, "name": name, "arguments": arguments, "legacy": call.legacy}
 
 
-async def resolve_calls(store: Store, ctx: RequestContext, eff: Effective, verdicts: tuple[CallVerdict, ...],
+async def resolve_calls(store: Store, ctx: RequestContext, verdicts: tuple[CallVerdict, ...],
                         *, approval_ttl_s: int, fail_open: bool) -> Outcome:
     """Turn verdicts into the calls the agent gets; consult approvals and once markers."""
     out = Outcome()
@@ -246,10 +242,9 @@ def message_of(choice: Any) -> dict[str, Any]:
     return message
 
 
-def refuse_or_escalate(eff: Effective, out: OutputVerdict | None) -> dict[str, Any] | None:
+def refuse_or_escalate(out: OutputVerdict | None) -> dict[str, Any] | None:
     """For a denied, invalid or escalated output: the escalation tool call that replaces it (decided by
     the core through every layer), else raise the refusal. None when the output stands."""
-    del eff  # the core decided the escalation already
     if out is None or out.verdict not in ("deny", "invalid", "escalate"):
         return None
     if out.verdict == "deny":

@@ -190,7 +190,7 @@ class _Relay:
         out: list[bytes] = []
         finish = self.finish or "stop"
         o = decision.output
-        escalation = refuse_or_escalate(eff, o)
+        escalation = refuse_or_escalate(o)
         if escalation is not None:  # as in the non-streamed path: the invalid text becomes an escalation call
             ctx.actions.append("escalated:output")
             content, held = None, []
@@ -201,7 +201,7 @@ class _Relay:
                 out.append(_event(self._chunk({"content": text})))
         self.calls_at = len(out)
         if decision.calls:
-            outcome = await resolve_calls(st.store, ctx, eff, decision.calls,
+            outcome = await resolve_calls(st.store, ctx, decision.calls,
                                           approval_ttl_s=st.config.approval_ttl_s, fail_open=eff.fail_open)
             for name, result, _r, _x in ctx.tool_outcomes[-len(decision.calls):]:
                 st.telemetry.metrics.tool_call(name, result)

@@ -193,6 +193,14 @@ def test_overlong_idempotency_key_is_rejected(backend: Proxy, mock_upstream: Moc
     assert _idem_ask(backend, _uid("k") + "k" * 230).status_code == 200  # 255 characters or fewer is fine
 
 
+def test_empty_idempotency_key_has_its_own_code(backend: Proxy, mock_upstream: Mock) -> None:
+    r = backend.post("/v1/chat/completions", key=AGENT_KEY, headers={"idempotency-key": ""},
+                     json={"model": "gpt-4o-mini", "messages": USER})
+    assert r.status_code == 400
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("idempotency_key_empty", "Idempotency-Key")
+    assert mock_upstream.calls() == []
+
+
 # --- approvals ----------------------------------------------------------------------------------------------
 
 
