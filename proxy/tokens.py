@@ -271,16 +271,7 @@ class TokenCounter:
         if not tools:
             return 0
         encoding = encoding_for(model)
-        total = 0
-        for tool in tools:
-            canonical = orjson.dumps(tool, option=orjson.OPT_SORT_KEYS)
-            key = (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest())
-            n = self._cached(key)
-            if n is None:
-                n = self._encode_len(encoding, canonical.decode())
-                self._store(key, n)
-            total += n
-        return total
+        return sum(self._item_tokens(encoding, tool) for tool in tools)
 
     # -- whole requests, off the loop when large ----------------------------------------------------
     def _extras(self, body: Mapping[str, Any]) -> list[Any]:
@@ -290,23 +281,22 @@ class TokenCounter:
                      if k not in NOT_PROMPT and v is not None and not isinstance(v, bool | int | float))
         return items
 
-    def _item_key(self, encoding: str, item: Any) -> tuple[tuple[str, Any], bytes]:
+    def _item_tokens(self, encoding: str, item: Any) -> int:
+        """Tokens of one tool or request field as its canonical JSON, cached by the JSON's digest."""
         canonical = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-        return (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest()), canonical
+        key = (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest())
+        n = self._cached(key)
+        if n is None:
+            n = self._encode_len(encoding, canonical.decode())
+            self._store(key, n)
+        return n
 
     def count_request(self, model: str, body: Mapping[str, Any]) -> int:
         """Prompt tokens of a whole request body: messages plus every other field the model reads."""
         messages = body.get("messages")
         total = self.count_messages(model, messages if isinstance(messages, list) else [])
         encoding = encoding_for(model)
-        for item in self._extras(body):
-            key, canonical = self._item_key(encoding, item)
-            n = self._cached(key)
-            if n is None:
-                n = self._encode_len(encoding, canonical.decode())
-                self._store(key, n)
-            total += n
-        return total
+        return total + sum(self._item_tokens(encoding, item) for item in self._extras(body))
 
     async def count_request_async(self, model: str, body: Mapping[str, Any]) -> int:
         """:meth:`count_request`, with the uncached part counted in the worker thread when it is large."""

@@ -7,6 +7,7 @@ loopback port in front of the mock. Tests drive the proxy with the official ``op
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -115,6 +116,42 @@ class Proxy:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """Every line of the proxy's audit log (``telemetry.audit_log: audit.log`` in the default config)."""
+        path = self.dir / "audit.log"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def audit_for(self, decision_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The audit line of one decision; streams write theirs once settled, just after the last byte."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.audit_lines():
+                if line.get("decision_id") == decision_id:
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no audit line for {decision_id}")
+            time.sleep(0.05)
+
+    def stream_bytes(self, body: dict[str, Any], key: str = SUPPORT_KEY) -> bytes:
+        """POST a streamed chat request and return every byte of the answer."""
+        with httpx.stream("POST", self.root + "/v1/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}"}, json={**body, "stream": True}) as r:
+            return b"".join(r.iter_bytes())
+
+
+REDIS_TEST_DB = "redis://127.0.0.1:6379/12"  # live tests that take both backends; never flushed
+
+
+def store_for(backend: str) -> str:
+    """The ``store:`` URL for a parametrised backend (``memory`` or ``redis``); a missing Redis fails."""
+    if backend == "memory":
+        return "memory"
+    import redis
+
+    assert redis.Redis.from_url(REDIS_TEST_DB).ping()
+    return REDIS_TEST_DB
 
 
 def default_config(mock_url: str, port: int, store: str = "memory") -> dict[str, Any]:

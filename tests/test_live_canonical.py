@@ -13,12 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import yaml
-from conftest import ADMIN_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port, shipped_policies
+from conftest import ADMIN_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port, shipped_policies, store_for
 
 RUN = uuid.uuid4().hex[:8]
-REDIS = "redis://127.0.0.1:6379/12"
 APPROVER = f"canon-approver-{RUN}"
 APPROVER_KEY = "sk-canon-approver"
 CREDIT = {"type": "function", "function": {"name": "apply_credit", "parameters": {"type": "object"}}}
@@ -32,10 +30,7 @@ HOLD = yaml.safe_dump({
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def gp(request: pytest.FixtureRequest, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
-    store = "memory"
-    if request.param == "redis":
-        assert redis.Redis.from_url(REDIS).ping()
-        store = REDIS
+    store = store_for(request.param)
     cfg = default_config(mock_upstream.url, free_port(), store)
     cfg["keys"].append({"id": APPROVER, "key": APPROVER_KEY})
     return make_proxy(policies={**shipped_policies(), "hold.yaml": HOLD}, config=cfg)

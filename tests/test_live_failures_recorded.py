@@ -8,8 +8,6 @@ an ended span with error status. Requests refused before the model is known (401
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,17 +33,6 @@ def gp(make_proxy: Callable[..., Proxy], mock_upstream: Mock, otlp: OtlpReceiver
     cfg["telemetry"] = {"audit_log": "audit.log", "exporter": "otlp", "endpoint": f"http://127.0.0.1:{otlp.port}"}
     return make_proxy(config=cfg, env={"OTEL_EXPORTER_OTLP_HEADERS": "", "OTEL_TRACES_EXPORTER": "",
                                        "OTEL_BSP_SCHEDULE_DELAY": "100"})
-
-
-def _audit(gp: Proxy, decision_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for line in (gp.dir / "audit.log").read_text().splitlines():
-            doc = json.loads(line)
-            if doc.get("decision_id") == decision_id:
-                return dict(doc)
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {decision_id}")
 
 
 def _requests_total(gp: Proxy, code: str) -> float:
@@ -80,7 +67,7 @@ def test_an_unexpected_error_leaves_envelope_audit_metric_and_span(gp: Proxy, ot
     did = r.headers["x-guardproxy-decision-id"]
     assert err["code"] == "internal_error" and err["decision_id"] == did
     assert "WRONGTYPE" not in r.text  # details stay in the log
-    line = _audit(gp, did)
+    line = gp.audit_for(did)
     assert (line["status"], line["error_code"]) == (500, "internal_error")
     assert _requests_total(gp, "internal_error") == before + 1
     span = _server_span(otlp, did)
@@ -98,7 +85,7 @@ def test_requests_refused_before_the_model_is_known_get_a_span(gp: Proxy, otlp: 
     did = r.headers["x-guardproxy-decision-id"]
     span = _server_span(otlp, did)
     assert span.kind == span.SPAN_KIND_SERVER and span.status.code == span.status.STATUS_CODE_ERROR
-    assert _audit(gp, did)["error_code"] == code
+    assert gp.audit_for(did)["error_code"] == code
 
 
 def test_an_unexpected_error_on_another_route_leaves_envelope_metric_and_audit(gp: Proxy) -> None:
@@ -109,5 +96,4 @@ def test_an_unexpected_error_on_another_route_leaves_envelope_metric_and_audit(g
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "WRONGTYPE" not in r.text
     assert _requests_total(gp, "internal_error") == before + 1
-    lines = [json.loads(line) for line in (gp.dir / "audit.log").read_text().splitlines()]
-    assert {"event": "internal_error", "route": "/v1/spend"}.items() <= lines[-1].items()
+    assert {"event": "internal_error", "route": "/v1/spend"}.items() <= gp.audit_lines()[-1].items()

@@ -8,24 +8,27 @@ counts decisions, not posts.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
 import httpx
 import pytest
-import redis
-from conftest import ADMIN_KEY, PLAY_KEY, SUPPORT_KEY, Mock, Proxy, default_config, free_port, shipped_policies
-
-REDIS = "redis://127.0.0.1:6379/12"
+from conftest import (
+    ADMIN_KEY,
+    PLAY_KEY,
+    SUPPORT_KEY,
+    Mock,
+    Proxy,
+    default_config,
+    free_port,
+    shipped_policies,
+    store_for,
+)
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def gp(request: pytest.FixtureRequest, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
-    store = "memory"
-    if request.param == "redis":
-        assert redis.Redis.from_url(REDIS).ping()
-        store = REDIS
+    store = store_for(request.param)
     return make_proxy(policies=shipped_policies(), config=default_config(mock_upstream.url, free_port(), store))
 
 
@@ -48,12 +51,7 @@ def _metric(gp: Proxy, name: str, outcome: str) -> float:
 
 
 def _feedback_lines(gp: Proxy, did: str) -> list[dict[str, object]]:
-    out = []
-    for text in (gp.dir / "audit.log").read_text().splitlines():
-        doc = json.loads(text)
-        if doc.get("event") == "feedback" and doc.get("decision_id") == did:
-            out.append(doc)
-    return out
+    return [doc for doc in gp.audit_lines() if doc.get("event") == "feedback" and doc.get("decision_id") == did]
 
 
 def test_a_caller_gives_feedback_on_its_own_decision(gp: Proxy, mock_upstream: Mock) -> None:

@@ -71,11 +71,7 @@ STREAM_DELTAS = [
 @pytest.mark.parametrize("deltas", STREAM_DELTAS, ids=lambda d: str(d)[:50])
 def test_a_stream_is_checked_in_every_field(gp: Proxy, mock_upstream: Mock, deltas: Any) -> None:
     mock_upstream.script({"content": "fine", "raw_deltas": deltas})
-    with httpx.stream("POST", gp.root + "/v1/chat/completions", timeout=30,
-                      headers={"authorization": f"Bearer {PLAY_KEY}"},
-                      json={"model": "gpt-4o-mini", "stream": True,
-                            "messages": [{"role": "user", "content": "hi"}]}) as r:
-        raw = b"".join(r.iter_bytes())
+    raw = gp.stream_bytes({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, PLAY_KEY)
     assert b"SWORD" not in raw and b"FISH" not in raw
     assert b'"code":"policy_denied"' in raw
 
@@ -83,11 +79,7 @@ def test_a_stream_is_checked_in_every_field(gp: Proxy, mock_upstream: Mock, delt
 def test_a_streamed_transcript_that_passes_is_delivered_after_the_check(gp: Proxy, mock_upstream: Mock) -> None:
     mock_upstream.script({"content": "fine", "raw_deltas": [{"audio": {"id": "a1", "transcript": "hello "}},
                                                             {"audio": {"transcript": "there"}}]})
-    with httpx.stream("POST", gp.root + "/v1/chat/completions", timeout=30,
-                      headers={"authorization": f"Bearer {PLAY_KEY}"},
-                      json={"model": "gpt-4o-mini", "stream": True,
-                            "messages": [{"role": "user", "content": "hi"}]}) as r:
-        raw = b"".join(r.iter_bytes())
+    raw = gp.stream_bytes({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, PLAY_KEY)
     assert b"hello " in raw and b"there" in raw and b"[DONE]" in raw
 
 
@@ -100,11 +92,8 @@ def test_tool_call_arguments_are_checked_and_the_call_removed(gp: Proxy, mock_up
     tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
              for n in ("send_email", "get_weather")]
     if stream:
-        with httpx.stream("POST", gp.root + "/v1/chat/completions", timeout=30,
-                          headers={"authorization": f"Bearer {PLAY_KEY}"},
-                          json={"model": "gpt-4o-mini", "stream": True, "tools": tools,
-                                "messages": [{"role": "user", "content": "hi"}]}) as r:
-            raw = b"".join(r.iter_bytes())
+        raw = gp.stream_bytes({"model": "gpt-4o-mini", "tools": tools,
+                               "messages": [{"role": "user", "content": "hi"}]}, PLAY_KEY)
         assert b"SWORD" not in raw and b"send_email" not in raw and b"get_weather" in raw
         return
     r = _post(gp, tools=tools)

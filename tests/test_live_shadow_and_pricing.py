@@ -8,8 +8,6 @@ costs what it costs under ``tools``.
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -51,17 +49,6 @@ def _ask(gp: Proxy, who: str, conv: str, **body: Any) -> httpx.Response:
     return gp.post("/v1/chat/completions", key=KEYS[who], headers={CONV: conv}, json=doc)
 
 
-def _audit(gp: Proxy, decision_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in (gp.dir / "audit.log").read_text().splitlines():
-            doc = json.loads(line)
-            if doc.get("decision_id") == decision_id:
-                return dict(doc)
-        time.sleep(0.05)
-    raise AssertionError(decision_id)
-
-
 CREDIT = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
           for n in ("apply_credit", "escalate_to_human")]
 
@@ -72,7 +59,7 @@ def test_a_shadow_cost_block_reports_would_refuse(gp: Proxy, mock_upstream: Mock
     r = _ask(gp, "shadowed", conv, max_tokens=500)  # 500 x $0.60/M = $0.0003 > the shadow $0.0001 a request
     assert r.status_code == 200  # shadow: served
     assert "would_refuse:budget_exceeded" in r.headers["x-guardproxy-actions"]
-    assert "would_refuse:budget_exceeded" in _audit(gp, r.headers["x-guardproxy-decision-id"])["would"]
+    assert "would_refuse:budget_exceeded" in gp.audit_for(r.headers["x-guardproxy-decision-id"])["would"]
 
 
 def test_a_shadow_conversation_budget_sees_the_real_spend(gp: Proxy, mock_upstream: Mock) -> None:
@@ -93,7 +80,7 @@ def test_a_shadow_once_rule_reports_the_repeat_and_delivers_it(gp: Proxy, mock_u
         mock_upstream.script({"tool_calls": [{"name": "apply_credit", "arguments": '{"amount": 5}'}]})
         r = _ask(gp, "shadowed", conv, tools=CREDIT)
         names = [c["function"]["name"] for c in r.json()["choices"][0]["message"].get("tool_calls") or ()]
-        results.append((names, _audit(gp, r.headers["x-guardproxy-decision-id"])["would"]))
+        results.append((names, gp.audit_for(r.headers["x-guardproxy-decision-id"])["would"]))
     assert results[0][0] == results[1][0] == ["apply_credit"]  # delivered both times
     assert "would_block_once:apply_credit" not in results[0][1]
     assert "would_block_once:apply_credit" in results[1][1]
@@ -105,7 +92,7 @@ def test_a_shadow_on_invalid_escalate_reports_would_escalate(gp: Proxy, mock_ups
     r = _ask(gp, "shadowed", conv, tools=CREDIT)
     names = [c["function"]["name"] for c in r.json()["choices"][0]["message"]["tool_calls"]]
     assert names == ["apply_credit"]  # shadow: the call is not rewritten
-    would = _audit(gp, r.headers["x-guardproxy-decision-id"])["would"]
+    would = gp.audit_for(r.headers["x-guardproxy-decision-id"])["would"]
     assert "would_schema_invalid:apply_credit" in would and "would_escalate:apply_credit" in would
 
 

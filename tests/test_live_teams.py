@@ -10,12 +10,10 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-import redis
 import yaml
-from conftest import ADMIN_KEY, Mock, Proxy, default_config, free_port
+from conftest import ADMIN_KEY, Mock, Proxy, default_config, free_port, store_for
 
 RUN = uuid.uuid4().hex[:8]
-REDIS = "redis://127.0.0.1:6379/12"
 ORG_A, ORG_B = f"orga{RUN}", f"orgb{RUN}"
 BUDGET = yaml.safe_dump({"apiVersion": "guardproxy/v1", "kind": "Policy", "metadata": {"name": "team-budget"},
                          "match": {"all": True},
@@ -25,10 +23,7 @@ KEYS = {"a": "sk-team-a", "b": "sk-team-b"}
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def gp(request: pytest.FixtureRequest, make_proxy: Callable[..., Proxy], mock_upstream: Mock) -> Proxy:
-    store = "memory"
-    if request.param == "redis":
-        assert redis.Redis.from_url(REDIS).ping()
-        store = REDIS
+    store = store_for(request.param)
     cfg = default_config(mock_upstream.url, free_port(), store)
     cfg["keys"] = [{"id": f"team-a-{RUN}", "key": KEYS["a"], "team": "support", "org": ORG_A},
                    {"id": f"team-b-{RUN}", "key": KEYS["b"], "team": "support", "org": ORG_B}]

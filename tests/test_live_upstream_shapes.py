@@ -8,8 +8,6 @@ at that bound (``usage_capped``). JSON depth is bounded everywhere, upstream bod
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -45,17 +43,6 @@ def _ask(gp: Proxy, conv: str, **extra: Any) -> httpx.Response:
 def _spend(gp: Proxy, conv: str) -> list[str]:
     rows = gp.get(f"/v1/spend?prefix=conversation:shapes/{conv}", key=ADMIN_KEY).json()["data"]
     return [r["spend_usd"] for r in rows]
-
-
-def _audit_line(gp: Proxy, decision_id: str) -> dict[str, Any]:
-    """The audit line of a decision (streams write theirs once settled, just after the last byte)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for text in (gp.dir / "audit.log").read_text().splitlines():
-            if decision_id in text:
-                return dict(json.loads(text))
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {decision_id}")
 
 
 def _nested(depth: int) -> Any:
@@ -132,7 +119,7 @@ def test_usage_beyond_the_request_is_charged_at_its_bound(gp: Proxy, mock_upstre
     mock_upstream.script({"content": "x", "usage": {"prompt_tokens": 10**12, "completion_tokens": 10**12}})
     r = _ask(gp, conv, stream=stream)
     assert r.status_code == 200
-    line = _audit_line(gp, r.headers["x-guardproxy-decision-id"])
+    line = gp.audit_for(r.headers["x-guardproxy-decision-id"])
     assert "usage_capped" in line["actions"]
     spent = _spend(gp, conv)
     assert len(spent) == 1 and float(spent[0]) < 0.001  # 100 x $0.60/M plus a small prompt bound
