@@ -32,6 +32,8 @@ from uvicorn.server import ServerState
 
 from proxy.errors import ProxyError, envelope
 
+ABORT_EXTENSION = "guardproxy.abort"  # scope["extensions"] key: drop this request's connection now
+
 
 def http_protocol(request_timeout_s: float) -> type[asyncio.Protocol]:
     """The protocol to hand to ``uvicorn.run(http=...)``; picklable, so ``--workers N`` can use it too."""
@@ -88,7 +90,17 @@ class GuardHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         cycle.__class__ = _Cycle  # same layout, one method changed: uvicorn builds the cycle by name
+        # A stream whose client stops reading is cut by the app (proxy.sse): this lets it drop the
+        # connection at once, unflushed bytes and all, rather than leave a socket nobody drains.
+        scope = cast(dict[str, Any], cycle.scope)
+        scope.setdefault("extensions", {})[ABORT_EXTENSION] = functools.partial(self._abort, cycle)
         super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
+
+    def _abort(self, cycle: RequestResponseCycle) -> None:
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     def _write_error(self, err: ProxyError) -> None:
         body = envelope(err)

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.responses import Response
 
+ABORT_EXTENSION = "guardproxy.abort"  # offered by proxy.httpserver (the server guardproxy serve runs)
 ENDED_COMPLETED = "completed"
 ENDED_DISCONNECTED = "client_disconnected"
 ENDED_TIMEOUT = "client_timeout"
@@ -48,6 +49,10 @@ class RelayResponse(Response):
             done, _ = await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if producer in done:
                 ended = producer.result()
+                if ended == ENDED_TIMEOUT:
+                    abort = (scope.get("extensions") or {}).get(ABORT_EXTENSION)
+                    if abort is not None:
+                        abort()  # a reader that takes nothing: drop its connection, buffers and all
             else:
                 producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

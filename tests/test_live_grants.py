@@ -93,6 +93,25 @@ def test_a_delivered_once_marker_stays_used(gp: Proxy, mock_upstream: Mock) -> N
         assert _names(_turn(gp, conv)) == expected
 
 
+def test_a_stored_answer_keeps_its_grant_for_the_retry(gp: Proxy, mock_upstream: Mock) -> None:
+    """With an Idempotency-Key the answer is stored: the retry gets the call, so its marker stays used."""
+    conv, key = f"grant-idem-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    mock_upstream.script({"tool_calls": [{"name": "apply_credit", "arguments": SMALL}], "delay_ms": 1200})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gp.url + "/chat/completions", json=_body([CREDIT]), timeout=httpx.Timeout(30, read=0.3),
+                   headers={"authorization": f"Bearer {SUPPORT_KEY}", CONV: conv, "idempotency-key": key})
+    deadline = time.monotonic() + 15
+    while True:  # 409 idempotency_in_flight until the first request's answer is stored
+        replay = gp.post("/v1/chat/completions", key=SUPPORT_KEY, headers={CONV: conv, "idempotency-key": key},
+                         json=_body([CREDIT]))
+        if replay.status_code != 409 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert replay.headers.get("idempotent-replayed") == "true" and _names(replay) == ["apply_credit"]
+    mock_upstream.script({"tool_calls": [{"name": "apply_credit", "arguments": SMALL}]})
+    assert _names(_turn(gp, conv)) == []  # delivered once (by the replay): now it is a repeat
+
+
 def test_a_marker_is_given_back_when_a_later_choice_is_refused(gp: Proxy, mock_upstream: Mock) -> None:
     conv = f"grant-choice-{uuid.uuid4().hex[:8]}"
     bad = {"index": 1, "finish_reason": "stop", "message": {"role": "assistant", "content": "not a TicketAction"}}

@@ -68,6 +68,19 @@ def _raw_request(gp: Proxy, body: dict[str, Any], conv: str, key: str = PLAY_KEY
     return s
 
 
+def _drained(s: socket.socket) -> bool:
+    """Read until the peer ends the connection (EOF or reset); False if it is still open after 20 s."""
+    s.settimeout(20)
+    try:
+        while s.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
 LONG = {"content": "word " * 40_000, "chunk_chars": 20, "chunk_delay_ms": 1}  # 10,000 paced events
 
 
@@ -91,6 +104,10 @@ def test_a_client_that_leaves_stops_the_upstream_stream(gp: Proxy, mock_upstream
     # charged for what was read (a few thousand tokens at most), far below the whole 40,000-word answer
     _wait(lambda: _spend(gp, conv) > 0, "the abandoned stream to be settled")
     assert _spend(gp, conv) < 40_000 * 0.6e-6
+    head = got.split(b"\r\n\r\n", 1)[0].decode()
+    decision = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                    if line.lower().startswith("x-guardproxy-decision-id:"))
+    assert "client_disconnected" in gp.audit_for(decision)["actions"]
 
 
 def test_a_client_that_leaves_an_unpaced_stream_is_charged_for_what_was_read(gp: Proxy, mock_upstream: Mock) -> None:
@@ -126,6 +143,9 @@ def test_clients_that_stop_reading_are_cut_and_release_the_upstream_pool(gp: Pro
         assert r.json()["choices"][0]["message"]["content"] == "answered"
         _wait(lambda: (gp.dir / "audit.log").read_text().count('"client_timeout"') == 2,
               "both stalled streams to be cut and recorded")
+        for s in stalled:  # the proxy dropped them: what was buffered can be read, then the connection ends
+            assert _drained(s)
+        assert "without completing response" not in gp.output()
     finally:
         for s in stalled:
             s.close()
