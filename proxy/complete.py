@@ -86,7 +86,7 @@ async def complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: R
         data = await state.call_upstream(ctx, target, attempt_body, forward_raw, prompt_tokens=prompt_tokens)
         choices = data["choices"]
         message = message_of(choices[0])
-        text, other_text = message_text(message)
+        text, other_text = message_text(message, eff)
         decision = evaluate_response(eff, extract_calls(message), text, rctx, now=time.time(), other_text=other_text)
         budget = repair_budget(decision)
         if repairs_left is None:
@@ -105,7 +105,7 @@ async def complete(state: AppState, ctx: RequestContext, eff: Effective, rctx: R
     await _apply(state, ctx, eff, decision, choices[0], message)
     for extra in choices[1:]:
         msg = message_of(extra)
-        t, other = message_text(msg)
+        t, other = message_text(msg, eff)
         d = evaluate_response(eff, extract_calls(msg), t, rctx, now=time.time(), other_text=other)
         ctx.absorb(d)
         await _apply(state, ctx, eff, d, extra, msg)

@@ -19,6 +19,7 @@ from proxy.reqctx import RequestContext
 from proxy.stores import Approval, Store, StoreUnavailable
 from proxy.texts import message_texts
 from rules.decision import CallVerdict, OutputVerdict, ResponseDecision, ToolCallIn
+from rules.effective import Effective
 from rules.evaluate import printable_name
 
 
@@ -283,9 +284,15 @@ def repair_body(body: dict[str, Any], message: dict[str, Any], decision: Respons
     return out
 
 
-def message_text(message: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """(content as text, every other text field) of an assistant message, for output inspection."""
-    return message_texts(message)
+def message_text(message: dict[str, Any], eff: Effective) -> tuple[str | None, list[str]]:
+    """(content as text, every other text field) of an assistant message, for output inspection; the other
+    texts are only collected when a deny pattern will read them."""
+    if eff.deny_patterns:
+        return message_texts(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return (content if isinstance(content, str) else None), []
 
 
 def dumps(obj: Any) -> bytes:

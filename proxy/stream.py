@@ -250,7 +250,7 @@ class _Relay:
             choice = data["choices"][0]
             message = message_of(choice)
             calls = extract_calls(message)
-            text, other_text = message_text(message)
+            text, other_text = message_text(message, self.eff)
             content = text if self.buffer_text or not calls else None
             held = [{k: v for k, v in message.items() if k not in CALL_KEYS and k not in ("content", "role")}]
             held = [h for h in held if h]

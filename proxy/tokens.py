@@ -271,32 +271,40 @@ class TokenCounter:
         if not tools:
             return 0
         encoding = encoding_for(model)
-        return sum(self._item_tokens(encoding, tool) for tool in tools)
+        return sum(self._item_tokens(key, canonical, encoding)
+                   for key, canonical in self._extras(encoding, {"tools": list(tools)}))
 
     # -- whole requests, off the loop when large ----------------------------------------------------
-    def _extras(self, body: Mapping[str, Any]) -> list[Any]:
-        """Everything besides messages the model reads: tools one by one, then each other prompt field."""
+    @staticmethod
+    def _extras(encoding: str, body: Mapping[str, Any]) -> list[tuple[tuple[str, Any], bytes]]:
+        """Everything besides messages the model reads, as (cache key, canonical JSON): tools one by one,
+        then each other prompt field."""
         items: list[Any] = list(body.get("tools") or ()) if isinstance(body.get("tools"), list) else []
         items.extend({k: v} for k, v in body.items()
                      if k not in NOT_PROMPT and v is not None and not isinstance(v, bool | int | float))
-        return items
+        out = []
+        for item in items:
+            canonical = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+            out.append(((encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest()), canonical))
+        return out
 
-    def _item_tokens(self, encoding: str, item: Any) -> int:
+    def _item_tokens(self, key: tuple[str, Any], canonical: bytes, encoding: str) -> int:
         """Tokens of one tool or request field as its canonical JSON, cached by the JSON's digest."""
-        canonical = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-        key = (encoding, b"tool:" + hashlib.blake2b(canonical, digest_size=16).digest())
         n = self._cached(key)
         if n is None:
             n = self._encode_len(encoding, canonical.decode())
             self._store(key, n)
         return n
 
-    def count_request(self, model: str, body: Mapping[str, Any]) -> int:
-        """Prompt tokens of a whole request body: messages plus every other field the model reads."""
+    def count_request(self, model: str, body: Mapping[str, Any],
+                      extras: list[tuple[tuple[str, Any], bytes]] | None = None) -> int:
+        """Prompt tokens of a whole request body: messages plus every other field the model reads
+        (``extras``: :meth:`_extras` of the body, when the caller already has it)."""
         messages = body.get("messages")
         total = self.count_messages(model, messages if isinstance(messages, list) else [])
         encoding = encoding_for(model)
-        return total + sum(self._item_tokens(encoding, item) for item in self._extras(body))
+        items = self._extras(encoding, body) if extras is None else extras
+        return total + sum(self._item_tokens(key, canonical, encoding) for key, canonical in items)
 
     async def count_request_async(self, model: str, body: Mapping[str, Any]) -> int:
         """:meth:`count_request`, with the uncached part counted in the worker thread when it is large."""
@@ -314,12 +322,16 @@ class TokenCounter:
                 pending += len(content) if isinstance(content, str) else len(orjson.dumps(m))
             if pending > INLINE_CHARS:
                 break
+        extras = self._extras(encoding, body)
         if pending <= INLINE_CHARS:
-            pending += sum(len(orjson.dumps(item)) for item in self._extras(body))
+            with self._lock:
+                pending += sum(len(canonical) for key, canonical in extras if key not in self._cache)
         if pending <= INLINE_CHARS:
-            return self.count_request(model, body)
+            return self.count_request(model, body, extras)
         self.offloaded += 1
-        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.count_request, model, body)
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.count_request, model, body,
+                                                                extras)
+
 
     async def count_text_async(self, model: str, text: str) -> int:
         """:meth:`count_text`, in the worker thread when the text is large."""

@@ -68,6 +68,8 @@ def _strings(value: Any) -> list[str]:
 def _pattern_denial(eff: Effective, call: ToolCallIn, args: Any, trail: Trail) -> CallVerdict | None:
     """Deny patterns apply to what a call would carry out of the model too: its raw arguments and every
     decoded string in them (escapes cannot hide a match)."""
+    if not eff.deny_patterns:
+        return None
     texts = [call.arguments, *_strings(args)] if args is not None else [call.arguments]
     hit = pattern_verdict(eff, texts, trail, action=f"tool_denied:{call.name}")
     if hit is None:
