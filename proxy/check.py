@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.cli_common import config_path
+from rules.effective import team_ref
 from rules.yamlsrc import Path as KeyPath
 from rules.yamlsrc import SourceError, YamlLoadError, format_path, load_yaml
 
 if TYPE_CHECKING:
     from proxy.config import Config
     from rules.loader import LoadedPolicy
-
-DEFAULT_ORG = "default"  # the org of a key without ``org:``, and of a ``match.teams`` entry without ``org/``
-
-
-def _team_ref(entry: str) -> tuple[str, str]:
-    """``team`` -> ``("default", team)``; ``org/team`` -> ``(org, team)`` (split on the first ``/``)."""
-    org, sep, team = entry.partition("/")
-    return (org, team) if sep else (DEFAULT_ORG, entry)
 
 
 def _policy_paths_of_broken_config(path: str, errors: Sequence[SourceError]) -> list[Path] | None:
@@ -76,7 +69,7 @@ def _reference_warnings(config: Config, loaded: Sequence[LoadedPolicy]) -> list[
                 out.append(_warning(lp, ("match", "keys", i), f"key id {key!r} is not configured (no keys[].id); "
                                                               "this entry matches no caller"))
         for i, entry in enumerate(policy.match.teams):
-            org, team = _team_ref(entry)
+            org, team = team_ref(entry)
             if org and team and (org, team) not in teams:  # an empty part is the compiler's error
                 out.append(_warning(lp, ("match", "teams", i), f"team {entry!r} is not configured (no key has team "
                                     f"{team!r} in org {org!r}); this entry matches no caller"))

@@ -25,7 +25,6 @@ from proxy.respond import (
     refuse_or_escalate,
     repair_body,
     repair_budget,
-    resolve_calls,
     rewrite_message,
     still_invalid,
 )
@@ -156,10 +155,7 @@ async def _apply(state: AppState, ctx: RequestContext, eff: Effective, decision:
     elif out is not None and out.verdict == "rewrite":
         message["content"] = out.content
     if decision.calls:
-        outcome = await resolve_calls(state.store, ctx, decision.calls,
-                                      approval_ttl_s=state.config.approval_ttl_s, fail_open=eff.fail_open)
-        for name, result, _rule, _reason in ctx.tool_outcomes[-len(decision.calls):]:
-            state.telemetry.metrics.tool_call(name, result)
+        outcome = await state.resolve_calls(ctx, eff, decision.calls)
         new_finish = rewrite_message(message, outcome)
         if new_finish is not None:
             choice["finish_reason"] = new_finish

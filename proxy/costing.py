@@ -21,12 +21,12 @@ from proxy.errors import ProxyError
 from proxy.pricing import Price, PriceBook
 from proxy.stores import Ceiling, Store, StoreUnavailable
 from proxy.tokens import TokenCounter
+from rules.ceilings import ceilings_for
 from rules.compress import compress_messages
 from rules.cost import (
     BudgetLimit,
     EffectiveCost,
     actual_micro,
-    ceilings_for,
     check_per_request,
     compress_target,
     cost_micro,

@@ -80,9 +80,8 @@ async def resolve_calls(store: Store, ctx: RequestContext, verdicts: tuple[CallV
                 if await _hold(store, ctx, then, approval_ttl_s=approval_ttl_s):
                     out.kept.append(_kept(c, then.call.name, then.call.arguments))
                 else:
-                    ref = f"; approval id {ctx.approval_ids[-1]}" if ctx.approval_ids else ""
                     out.notes.append(f"{c.name}: escalated to {then.call.name}, which awaits human approval "
-                                     f"({then.rule_id}: {then.reason}{ref})")
+                                     f"({then.rule_id}: {then.reason}{_approval_ref(ctx)})")
             elif await _repeated(store, ctx, then, fail_open):
                 out.notes.append(f"{c.name}: escalated to {then.call.name}, which was already called with these "
                                  "arguments in this conversation (once_per_conversation)")
@@ -94,8 +93,7 @@ async def resolve_calls(store: Store, ctx: RequestContext, verdicts: tuple[CallV
             if kept:
                 out.kept.append(_kept(c, c.name, c.arguments))
             else:
-                ref = f"; approval id {ctx.approval_ids[-1]}" if ctx.approval_ids else ""
-                out.notes.append(f"{c.name}: awaits human approval ({v.rule_id}: {v.reason}{ref})")
+                out.notes.append(f"{c.name}: awaits human approval ({v.rule_id}: {v.reason}{_approval_ref(ctx)})")
         else:
             outcome = "schema_denied" if v.verdict == "invalid" else "denied"
             if v.verdict == "invalid":
@@ -104,6 +102,10 @@ async def resolve_calls(store: Store, ctx: RequestContext, verdicts: tuple[CallV
             detail = "; ".join(v.errors) if v.errors else v.reason
             out.notes.append(f"{printable_name(c.name)}: blocked by {v.rule_id} ({detail})")
     return out
+
+
+def _approval_ref(ctx: RequestContext) -> str:
+    return f"; approval id {ctx.approval_ids[-1]}" if ctx.approval_ids else ""
 
 
 async def _repeated(store: Store, ctx: RequestContext, v: CallVerdict, fail_open: bool) -> bool:

@@ -13,7 +13,8 @@ from proxy.body import read_json_body
 from proxy.errors import ProxyError
 from proxy.responses import error_response, json_response
 from proxy.stores import StoreUnavailable
-from rules.cost import escape_ident, micro_to_usd_str
+from rules.ceilings import escape_ident
+from rules.cost import micro_to_usd_str
 
 if TYPE_CHECKING:
     from proxy.state import AppState

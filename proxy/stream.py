@@ -38,7 +38,6 @@ from proxy.respond import (
     refuse_or_escalate,
     repair_body,
     repair_budget,
-    resolve_calls,
     still_invalid,
 )
 from proxy.sse import ENDED_COMPLETED, RelayResponse
@@ -201,10 +200,7 @@ class _Relay:
                 out.append(_event(self._chunk({"content": text})))
         self.calls_at = len(out)
         if decision.calls:
-            outcome = await resolve_calls(st.store, ctx, decision.calls,
-                                          approval_ttl_s=st.config.approval_ttl_s, fail_open=eff.fail_open)
-            for name, result, _r, _x in ctx.tool_outcomes[-len(decision.calls):]:
-                st.telemetry.metrics.tool_call(name, result)
+            outcome = await st.resolve_calls(ctx, eff, decision.calls)
             for i, k in enumerate(outcome.kept):
                 if k["legacy"]:
                     out.append(_event(self._chunk({"function_call": {"name": k["name"],
@@ -252,8 +248,8 @@ class _Relay:
             calls = extract_calls(message)
             text, other_text = message_text(message, self.eff)
             content = text if self.buffer_text or not calls else None
-            held = [{k: v for k, v in message.items() if k not in CALL_KEYS and k not in ("content", "role")}]
-            held = [h for h in held if h]
+            rest = {k: v for k, v in message.items() if k not in CALL_KEYS and k not in ("content", "role")}
+            held = [rest] if rest else []
             self.finish = choice.get("finish_reason") or self.finish
             decision = evaluate_response(self.eff, calls, content, self.rctx, now=time.time(), other_text=other_text)
             if not still_invalid(decision):
@@ -309,13 +305,8 @@ async def stream_response(state: AppState, ctx: RequestContext, eff: Effective, 
                 if out is not None:
                     relay.record(out)
                     yield out
-            usage = relay.usage
-            if usage:
-                usage, capped = state.cost.bound_usage(plan, usage, plan.prompt_tokens)
-                if capped:
-                    ctx.actions.append("usage_capped")
+            usage = state.take_usage(ctx, relay.usage, plan.prompt_tokens)
             state.telemetry.upstream_done(span, usage=usage)
-            ctx.add_usage(usage)
             closing = await relay.closing_events()
             for i, ev in enumerate(closing):
                 relay.record(ev)

@@ -22,8 +22,9 @@ from otel.metrics import Metrics
 from otel.tracing import Tracing, mark_error, span_ids
 from proxy.errors import ProxyError
 from proxy.reqctx import RequestContext
-from rules.cost import DEFAULT_ORG, micro_to_usd_str
+from rules.cost import micro_to_usd_str
 from rules.decision import Decision
+from rules.effective import DEFAULT_ORG
 
 if TYPE_CHECKING:
     from rules.compiler import CompiledPolicySet

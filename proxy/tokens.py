@@ -239,9 +239,10 @@ class TokenCounter:
                 n += self._encode_len(encoding, orjson.dumps(v).decode())
         return n
 
-    def message_tokens(self, encoding: str, message: Mapping[str, Any]) -> int:
-        """One message's tokens (without the reply priming); cached by content hash."""
-        key = (encoding, _message_key(message))
+    def message_tokens(self, encoding: str, message: Mapping[str, Any], key: Any = None) -> int:
+        """One message's tokens (without the reply priming); cached by content hash (``key``: the
+        message's cache key, when the caller already has it)."""
+        key = (encoding, _message_key(message)) if key is None else key
         hit = self._cached(key)
         if hit is not None:
             return hit
@@ -261,10 +262,13 @@ class TokenCounter:
         self._store(key, n)
         return n
 
-    def count_messages(self, model: str, messages: list[dict[str, Any]]) -> int:
-        """Prompt tokens of a chat history under OpenAI's accounting (including the 3 priming tokens)."""
+    def count_messages(self, model: str, messages: list[dict[str, Any]], keys: list[Any] | None = None) -> int:
+        """Prompt tokens of a chat history under OpenAI's accounting (including the 3 priming tokens);
+        ``keys``: the messages' cache keys, when the caller already has them."""
         encoding = encoding_for(model)
-        return REPLY_PRIMING + sum(self.message_tokens(encoding, m) for m in messages)
+        if keys is None:
+            return REPLY_PRIMING + sum(self.message_tokens(encoding, m) for m in messages)
+        return REPLY_PRIMING + sum(self.message_tokens(encoding, m, k) for m, k in zip(messages, keys, strict=True))
 
     def count_tools(self, model: str, tools: list[dict[str, Any]] | None) -> int:
         """Tokens of the tool definitions, as their canonical (sorted-key) JSON; each tool cached by hash."""
@@ -297,11 +301,13 @@ class TokenCounter:
         return n
 
     def count_request(self, model: str, body: Mapping[str, Any],
-                      extras: list[tuple[tuple[str, Any], bytes]] | None = None) -> int:
+                      extras: list[tuple[tuple[str, Any], bytes]] | None = None,
+                      keys: list[Any] | None = None) -> int:
         """Prompt tokens of a whole request body: messages plus every other field the model reads
-        (``extras``: :meth:`_extras` of the body, when the caller already has it)."""
+        (``extras``: :meth:`_extras` of the body, ``keys``: the messages' cache keys, when the caller
+        already has them)."""
         messages = body.get("messages")
-        total = self.count_messages(model, messages if isinstance(messages, list) else [])
+        total = self.count_messages(model, messages if isinstance(messages, list) else [], keys)
         encoding = encoding_for(model)
         items = self._extras(encoding, body) if extras is None else extras
         return total + sum(self._item_tokens(key, canonical, encoding) for key, canonical in items)
@@ -311,27 +317,19 @@ class TokenCounter:
         encoding = encoding_for(model)
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
-        pending = 0
-        for m in messages:
-            if not isinstance(m, Mapping):
-                continue
-            with self._lock:
-                hit = (encoding, _message_key(m)) in self._cache
-            if not hit:
-                content = m.get("content")
-                pending += len(content) if isinstance(content, str) else len(orjson.dumps(m))
-            if pending > INLINE_CHARS:
-                break
+        # Each message's cache key is computed once, here, and handed on to the count.
+        keys = [(encoding, _message_key(m)) if isinstance(m, Mapping) else None for m in messages]
         extras = self._extras(encoding, body)
+        with self._lock:
+            new_messages = [m for m, k in zip(messages, keys, strict=True) if k is not None and k not in self._cache]
+            pending = sum(len(canonical) for key, canonical in extras if key not in self._cache)
+        pending += sum(len(c) if isinstance(c := m.get("content"), str) else len(orjson.dumps(m))
+                       for m in new_messages)
         if pending <= INLINE_CHARS:
-            with self._lock:
-                pending += sum(len(canonical) for key, canonical in extras if key not in self._cache)
-        if pending <= INLINE_CHARS:
-            return self.count_request(model, body, extras)
+            return self.count_request(model, body, extras, keys)
         self.offloaded += 1
         return await asyncio.get_running_loop().run_in_executor(self._worker(), self.count_request, model, body,
-                                                                extras)
-
+                                                                extras, keys)
 
     async def count_text_async(self, model: str, text: str) -> int:
         """:meth:`count_text`, in the worker thread when the text is large."""

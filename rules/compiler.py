@@ -65,10 +65,28 @@ class CompiledPolicySet:
         return eff
 
 
-def _re2_options() -> Any:
+def re2_options() -> Any:
+    """RE2 options for policy patterns: a failure becomes a located error, so RE2 must not also print it."""
     opts = re2.Options()
-    opts.log_errors = False  # failures become located errors; RE2 must not also print to stderr
+    opts.log_errors = False
     return opts
+
+
+# The wording of compile errors, shared with rules.precheck (which compiles what validation refused).
+def cel_error(exc: CelCompileError) -> str:
+    """The message for a condition that does not compile."""
+    col = f" (column {exc.column})" if exc.column else ""
+    return f"invalid CEL{col}: {exc}"
+
+
+def schema_error(exc: SchemaDefinitionError) -> str:
+    """The message for a schema that does not compile."""
+    return f"invalid JSON schema: {exc}"
+
+
+def regex_error(exc: Exception) -> str:
+    """The message for a pattern RE2 refuses."""
+    return "invalid RE2 regex: " + _re2_message(exc)
 
 
 def glob_to_re2(pattern: str) -> str:
@@ -99,15 +117,14 @@ class _Compiler:
         try:
             return compile_condition(self.env, source)
         except CelCompileError as exc:
-            col = f" (column {exc.column})" if exc.column else ""
-            self.err(path, f"invalid CEL{col}: {exc}")
+            self.err(path, cel_error(exc))
             return None
 
     def schema(self, path: Path, schema: dict[str, Any], on_invalid: str, max_repairs: int) -> SchemaC | None:
         try:
             compiled = compile_schema(schema)
         except SchemaDefinitionError as exc:
-            self.err(path, f"invalid JSON schema: {exc}")
+            self.err(path, schema_error(exc))
             return None
         return SchemaC(compiled, on_invalid, max_repairs, self.policy.metadata.name,
                        self.policy.mode == "shadow", self.policy.level)
@@ -129,7 +146,7 @@ class _Compiler:
             self.err(("tools", "deny"), f"{len(globs)} patterns with * or ?; at most {MAX_DENY_GLOBS} per policy "
                                         "(plain names are not limited)")
             return frozenset(names), None
-        opts = _re2_options()
+        opts = re2_options()
         opts.case_sensitive = False
         try:
             return frozenset(names), re2.compile("|".join(f"(?:{r})" for r in globs), options=opts)
@@ -200,9 +217,9 @@ class _Compiler:
         patterns = []
         for i, pat in enumerate(p.output.deny_patterns):
             try:
-                rx = re2.compile(pat.regex, options=_re2_options())
+                rx = re2.compile(pat.regex, options=re2_options())
             except re2.error as exc:
-                self.err(("output", "deny_patterns", i, "regex"), f"invalid RE2 regex: {_re2_message(exc)}")
+                self.err(("output", "deny_patterns", i, "regex"), regex_error(exc))
                 continue
             patterns.append(PatternC(pat.id, rx, pat.reason, shadow or pat.mode == "shadow", name, level))
         self._check_cost()
@@ -226,8 +243,8 @@ class _Compiler:
                              f"downgrade target {dst!r} is not in models.allow")
 
 
-def _re2_message(exc: re2.error) -> str:
-    arg = exc.args[0] if exc.args else ""
+def _re2_message(exc: Exception) -> str:
+    arg = exc.args[0] if exc.args else ""  # RE2 gives its message as bytes
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rules.decision import Refusal, RequestDecision, Trail
-from rules.effective import TOKEN_PARAMS, Effective, ParamC
+from rules.effective import DEFAULT_ORG, TOKEN_PARAMS, Effective, ParamC
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -28,7 +28,7 @@ class Principal:
 
     key_id: str
     team: str | None = None
-    org: str = "default"
+    org: str = DEFAULT_ORG
 
     def as_cel(self) -> dict[str, str]:
         """The ``principal`` variable of CEL conditions."""

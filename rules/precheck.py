@@ -5,7 +5,7 @@ so the compiler never sees its CEL conditions, RE2 patterns or JSON schemas.
 :func:`precheck` walks the raw data tolerantly (any shape, nothing assumed) and
 compiles every one it can find where the surrounding structure allows, so one
 ``guardproxy check`` run reports the unknown field *and* the broken condition.
-Errors are worded as the compiler words them. The shell calls it; the loader,
+Errors are worded by the compiler's own helpers. The shell calls it; the loader,
 an earlier stage, does not.
 """
 
@@ -17,33 +17,11 @@ from typing import Any
 import re2
 
 from rules.celexpr import CelCompileError, compile_condition, new_env
+from rules.compiler import cel_error, re2_options, regex_error, schema_error
 from rules.schemas import SchemaDefinitionError, compile_schema
 from rules.yamlsrc import Located, Path, SourceError, format_path
 
-__all__ = ["cel_error", "precheck", "regex_error", "schema_error"]
-
-
-def cel_error(exc: CelCompileError) -> str:
-    """The message for a condition that does not compile."""
-    col = f" (column {exc.column})" if exc.column else ""
-    return f"invalid CEL{col}: {exc}"
-
-
-def schema_error(exc: SchemaDefinitionError) -> str:
-    """The message for a schema that does not compile."""
-    return f"invalid JSON schema: {exc}"
-
-
-def regex_error(exc: Exception) -> str:
-    """The message for a pattern RE2 refuses (RE2 gives it as bytes)."""
-    arg = exc.args[0] if exc.args else ""
-    return "invalid RE2 regex: " + (arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg))
-
-
-def _quiet() -> Any:
-    opts = re2.Options()
-    opts.log_errors = False  # the failure is a located error; RE2 must not also print it to stderr
-    return opts
+__all__ = ["precheck"]
 
 
 def _items(value: Any) -> Iterator[tuple[str | int, Any]]:
@@ -108,7 +86,7 @@ def precheck(located: Located, reported: Iterable[SourceError] = ()) -> list[Sou
                 message = cel_error(exc)
         elif kind == "regex" and isinstance(value, str) and value:
             try:
-                re2.compile(value, options=_quiet())
+                re2.compile(value, options=re2_options())
             except re2.error as exc:
                 message = regex_error(exc)
         if message is not None:

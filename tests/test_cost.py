@@ -9,9 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from rules.ceilings import CONVERSATION_TTL_S, TTL_MARGIN_S, ceilings_for
 from rules.cost import (
-    CONVERSATION_TTL_S,
-    TTL_MARGIN_S,
     BudgetLimit,
     BudgetSpec,
     CompressSpec,
@@ -20,7 +19,6 @@ from rules.cost import (
     LadderRule,
     LadderStep,
     actual_micro,
-    ceilings_for,
     check_per_request,
     combine,
     compress_target,
