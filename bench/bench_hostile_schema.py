@@ -22,30 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import threading
-import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import (  # noqa: E402 - bench modules import each other as scripts, like bench/run.py
-    PLAY_KEY,
-    SUPPORT_KEY,
-    GpVariant,
-    body_bytes,
-    start_guardproxy,
-    start_mock,
-    tool_body,
-)
+from _abuse import abuse_phase, fmt  # noqa: E402 - bench modules import each other as scripts, like bench/run.py
+from _setup import PLAY_KEY, GpVariant, start_guardproxy, start_mock  # noqa: E402
 
 
 def _tool(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -108,80 +96,12 @@ def _hostile_bodies(kind: str, n: int) -> list[bytes]:
     return [one()] * n if kind == "many-tools" else [one() for _ in range(n)]
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "p50_ms": _pct(values, 0.5), "p99_ms": _pct(values, 0.99),
-            "max_ms": max(values) if values else None, "mean_ms": statistics.fmean(values) if values else None}
-
-
-def _loop(stop: threading.Event, out: list[float], send: Callable[[httpx.Client], httpx.Response],
-          root: str, pause: float) -> None:
-    with httpx.Client(base_url=root, timeout=120) as client:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            send(client).raise_for_status()
-            out.append((time.perf_counter() - t0) * 1000)
-            if pause:
-                stop.wait(pause)
-
-
 def phase(root: str, seconds: float, rate: float, kind: str | None) -> dict[str, Any]:
     """One phase: /healthz polled back to back, a normal request every 50 ms, hostile ones at ``rate``/s."""
-    normal = body_bytes(tool_body())
-    auth = {"content-type": "application/json"}
-    health: list[float] = []
-    chat: list[float] = []
-    hostile: list[float] = []
-    outcomes: Counter[str] = Counter()
-    stop = threading.Event()
     bodies = _hostile_bodies(kind, int(seconds * rate) + 1) if kind else []
-    workers = [
-        threading.Thread(target=_loop, args=(stop, health, lambda c: c.get("/healthz"), root, 0.0)),
-        threading.Thread(target=_loop, args=(stop, chat, lambda c: c.post(
-            "/v1/chat/completions", content=normal, headers={**auth, "authorization": f"Bearer {SUPPORT_KEY}"}),
-            root, 0.05)),
-    ]
-    for w in workers:
-        w.start()
-    fired: list[threading.Thread] = []
-
-    def fire(body: bytes) -> None:
-        t0 = time.perf_counter()
-        try:
-            r = httpx.post(root + "/v1/chat/completions", content=body, timeout=120,
-                           headers={**auth, "authorization": f"Bearer {PLAY_KEY}"})
-            code = r.json().get("error", {}).get("code") if r.status_code >= 400 else "ok"
-            outcomes[f"{r.status_code} {code}"] += 1
-        except httpx.HTTPError as exc:
-            outcomes[type(exc).__name__] += 1
-        hostile.append((time.perf_counter() - t0) * 1000)
-
-    start = time.perf_counter()
-    for i, body in enumerate(bodies):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        if time.perf_counter() - start >= seconds:
-            break
-        t = threading.Thread(target=fire, args=(body,))
-        t.start()
-        fired.append(t)
-    time.sleep(max(0.0, start + seconds - time.perf_counter()))
-    stop.set()
-    for t in workers + fired:
-        t.join()
-    return {"kind": kind or "baseline", "healthz": _summary(health), "chat": _summary(chat),
-            "hostile": _summary(hostile), "hostile_outcomes": dict(outcomes)}
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:8.1f}"
+    r = abuse_phase(root, seconds, rate, bodies, PLAY_KEY, timeout=120)
+    return {"kind": kind or "baseline", "healthz": r["healthz"], "chat": r["chat"], "hostile": r["fired"],
+            "hostile_outcomes": r["outcomes"]}
 
 
 def main() -> None:
@@ -207,8 +127,8 @@ def main() -> None:
           f" {'hostile p50':>11s} {'p99':>8s}  outcomes")
     for r in results:
         h, c, x = r["healthz"], r["chat"], r["hostile"]
-        print(f"{r['kind']:16s} {_fmt(h['p50_ms']):>11s} {_fmt(h['p99_ms'])} {_fmt(h['max_ms'])}"
-              f" {_fmt(c['p50_ms']):>9s} {_fmt(c['p99_ms'])} {_fmt(x['p50_ms']):>11s} {_fmt(x['p99_ms'])}"
+        print(f"{r['kind']:16s} {fmt(h['p50_ms']):>11s} {fmt(h['p99_ms'])} {fmt(h['max_ms'])}"
+              f" {fmt(c['p50_ms']):>9s} {fmt(c['p99_ms'])} {fmt(x['p50_ms']):>11s} {fmt(x['p99_ms'])}"
               f"  {r['hostile_outcomes']}")
     if args.json:
         args.json.write_text(json.dumps({"seconds": args.seconds, "rate": args.rate, "results": results}, indent=2))

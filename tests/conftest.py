@@ -49,6 +49,20 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise RuntimeError(f"{url} did not come up")
 
 
+# 8 nested alias levels, 10 aliases each: 10**8 nodes once expanded, a few hundred bytes as text.
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
+
+MEMORY_CAP = 1024**3  # 1 GiB of address space: expanding a policy bomb needs many times that
+
+
+def cap_memory() -> None:
+    """``preexec_fn`` for a child whose bounds are under test: a bound that fails cannot eat the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -174,6 +188,17 @@ def default_config(mock_url: str, port: int, store: str = "memory") -> dict[str,
     }
 
 
+# The playground (team sandbox) may never be handed the word SWORDFISH, in any field of any answer.
+SANDBOX_GUARD = """apiVersion: guardproxy/v1
+kind: Policy
+metadata: {name: sandbox-guard}
+match: {teams: [sandbox]}
+output:
+  deny_patterns:
+    - {id: no-secret-word, regex: 'SWORDFISH', reason: the secret word never leaves}
+"""
+
+
 def shipped_policies() -> dict[str, str]:
     return {p.name: p.read_text() for p in (ROOT / "policies").glob("*.yaml")}
 
@@ -183,7 +208,8 @@ def make_proxy(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) ->
     started: list[Proxy] = []
 
     def start(policies: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-              env: dict[str, str] | None = None, store: str = "memory") -> Proxy:
+              env: dict[str, str] | None = None, store: str = "memory", capped: bool = False) -> Proxy:
+        """``capped``: the serve process's address space is capped (``cap_memory``)."""
         d = tmp_path_factory.mktemp("proxy")
         (d / "policies").mkdir()
         for name, text in (shipped_policies() if policies is None else policies).items():
@@ -196,7 +222,8 @@ def make_proxy(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) ->
         penv = {**os.environ, **(env or {})}
         with log.open("wb") as fh:
             cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(d / "guardproxy.yaml")]
-            proc = subprocess.Popen(cmd, cwd=d, stdout=fh, stderr=subprocess.STDOUT, env=penv)
+            proc = subprocess.Popen(cmd, cwd=d, stdout=fh, stderr=subprocess.STDOUT, env=penv,
+                                    preexec_fn=cap_memory if capped else None)
         root = f"http://127.0.0.1:{port}"
         _wait_http(f"{root}/healthz", proc)
         p = Proxy(f"{root}/v1", root, proc, d, log)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ALIAS_BOMB, ROOT, cap_memory
 
 MODELS = """models:
   - {name: gpt-4o-mini, upstream: openai/gpt-4o-mini}
@@ -191,10 +191,6 @@ output:
     - {id: bad-re, regex: "(unclosed"}
 """
 
-# 8 nested alias levels, 10 aliases each: 10**8 nodes once expanded, a few hundred bytes as text.
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
-
 KEYS = """keys:
   - {id: support-agent, key: sk-a, team: support}
   - {id: ops-bot, key: sk-b, team: ops, org: acme}
@@ -210,19 +206,12 @@ models:
   allow: [gpt-4o-mini, gpt-5]
 """
 
-MEMORY_CAP = 1024**3  # 1 GiB of address space: expanding a bomb needs many times that
-
-
 def run_limited(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``guardproxy check`` with its address space capped, so a bound that fails cannot eat the machine."""
-    import resource
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
     return subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config", str(config), *args],
-                          cwd=config.parent, env=env, capture_output=True, text=True, timeout=120, preexec_fn=cap)
+                          cwd=config.parent, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=cap_memory)
 
 
 def test_three_independent_errors_in_one_file_are_all_reported(tmp_path: Path) -> None:

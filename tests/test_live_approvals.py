@@ -107,26 +107,18 @@ def test_approving_twice_is_409_and_counted_once(backend: Proxy, mock_upstream: 
     assert _decide(backend, "apr_0123456789abcdef", "approve").status_code == 404  # unknown stays 404
 
 
-def test_five_concurrent_approves_have_one_winner(backend: Proxy, mock_upstream: Mock) -> None:
+@pytest.mark.parametrize(("verb", "outcome"), [("approve", "approved"), ("reject", "rejected")])
+def test_five_concurrent_decisions_have_one_winner(backend: Proxy, mock_upstream: Mock, verb: str,
+                                                   outcome: str) -> None:
     aid = _held(backend, mock_upstream)
-    before = _approvals_total(backend, "approved")
-    answers = asyncio.run(_decide_concurrently(backend, aid, "approve", 5))
+    before = _approvals_total(backend, outcome)
+    answers = asyncio.run(_decide_concurrently(backend, aid, verb, 5))
     assert sorted(r.status_code for r in answers) == [200, 409, 409, 409, 409]
     assert all(_not_pending(r) for r in answers if r.status_code != 200)
-    assert _approvals_total(backend, "approved") - before == 1
-    assert [r["outcome"] for r in _audit_lines(backend, aid)] == ["approved"]
+    assert _approvals_total(backend, outcome) - before == 1
+    assert [r["outcome"] for r in _audit_lines(backend, aid)] == [outcome]
     listed = backend.get("/admin/approvals", key=ADMIN_KEY).json()["data"]
-    assert [a["status"] for a in listed if a["id"] == aid] == ["approved"]
-
-
-def test_five_concurrent_rejects_have_one_winner(backend: Proxy, mock_upstream: Mock) -> None:
-    aid = _held(backend, mock_upstream)
-    before = _approvals_total(backend, "rejected")
-    answers = asyncio.run(_decide_concurrently(backend, aid, "reject", 5))
-    assert sorted(r.status_code for r in answers) == [200, 409, 409, 409, 409]
-    assert all(_not_pending(r) for r in answers if r.status_code != 200)
-    assert _approvals_total(backend, "rejected") - before == 1
-    assert [r["outcome"] for r in _audit_lines(backend, aid)] == ["rejected"]
+    assert [a["status"] for a in listed if a["id"] == aid] == [outcome]
 
 
 def test_approve_after_reject_is_409(backend: Proxy, mock_upstream: Mock) -> None:

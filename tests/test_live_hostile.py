@@ -12,21 +12,12 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_KEY, PLAY_KEY, Mock, Proxy, shipped_policies
-
-GUARD = """apiVersion: guardproxy/v1
-kind: Policy
-metadata: {name: sandbox-guard}
-match: {teams: [sandbox]}
-output:
-  deny_patterns:
-    - {id: no-secret-word, regex: 'SWORDFISH', reason: the secret word never leaves}
-"""
+from conftest import ADMIN_KEY, PLAY_KEY, SANDBOX_GUARD, Mock, Proxy, shipped_policies
 
 
 @pytest.fixture(scope="module")
 def hostile(make_proxy: Callable[..., Proxy]) -> Proxy:
-    return make_proxy(policies={**shipped_policies(), "sandbox-guard.yaml": GUARD})
+    return make_proxy(policies={**shipped_policies(), "sandbox-guard.yaml": SANDBOX_GUARD})
 
 
 @pytest.fixture(autouse=True)

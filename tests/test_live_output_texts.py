@@ -11,22 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import PLAY_KEY, Mock, Proxy, shipped_policies
+from conftest import PLAY_KEY, SANDBOX_GUARD, Mock, Proxy, shipped_policies
 
-GUARD = """apiVersion: guardproxy/v1
-kind: Policy
-metadata: {name: sandbox-guard}
-match: {teams: [sandbox]}
-output:
-  deny_patterns:
-    - {id: no-secret-word, regex: 'SWORDFISH', reason: the secret word never leaves}
-"""
 SECRET = "the word is SWORDFISH"
 
 
 @pytest.fixture(scope="module")
 def gp(make_proxy: Callable[..., Proxy]) -> Proxy:
-    return make_proxy(policies={**shipped_policies(), "sandbox-guard.yaml": GUARD})
+    return make_proxy(policies={**shipped_policies(), "sandbox-guard.yaml": SANDBOX_GUARD})
 
 
 @pytest.fixture(autouse=True)

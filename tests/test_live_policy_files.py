@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,53 +22,25 @@ import pytest
 import yaml
 from conftest import (
     ADMIN_KEY,
+    ALIAS_BOMB,
     PLAY_KEY,
     Mock,
     Proxy,
-    _stop,
-    _wait_http,
+    cap_memory,
     default_config,
     free_port,
     shipped_policies,
 )
 
-MEMORY_CAP = 1024**3
 POLL_S = 0.2  # the config's watch interval (conftest's default_config)
 
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
 HEADER = "apiVersion: guardproxy/v1\nkind: Policy\nmetadata: {name: hostile}\nmatch: {all: true}\n"
 
 
-def _cap_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-
-
 @pytest.fixture(scope="module")
-def start(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
-    """Like conftest's ``make_proxy``, with the serve process's memory capped."""
-    started: list[Proxy] = []
-
-    def run(policies: dict[str, str]) -> Proxy:
-        d = tmp_path_factory.mktemp("files")
-        (d / "policies").mkdir()
-        for name, text in policies.items():
-            (d / "policies" / name).write_text(text)
-        port = free_port()
-        (d / "guardproxy.yaml").write_text(yaml.safe_dump(default_config(mock_upstream.url, port)))
-        log = d / "serve.log"
-        with log.open("wb") as fh:
-            cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(d / "guardproxy.yaml")]
-            proc = subprocess.Popen(cmd, cwd=d, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_cap_memory)
-        root = f"http://127.0.0.1:{port}"
-        _wait_http(f"{root}/healthz", proc)
-        p = Proxy(f"{root}/v1", root, proc, d, log)
-        started.append(p)
-        return p
-
-    yield run
-    for p in started:
-        _stop(p.proc)
+def start(make_proxy: Callable[..., Proxy]) -> Callable[..., Proxy]:
+    """conftest's ``make_proxy`` with the serve process's memory capped."""
+    return lambda policies: make_proxy(policies=policies, capped=True)
 
 
 def put(path: Path, text: str) -> None:
@@ -215,6 +186,6 @@ def test_serve_refuses_to_start_on_a_missing_policy_path(mock_upstream: Mock, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
     result = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(tmp_path / "guardproxy.yaml")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-                            preexec_fn=_cap_memory)
+                            preexec_fn=cap_memory)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{tmp_path / 'polciies'}: policy path does not exist" in result.stderr
